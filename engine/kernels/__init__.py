@@ -1,0 +1,28 @@
+"""Kernel dispatch: Triton on CUDA tensors, the readable torch reference (engine.attention) elsewhere.
+
+CASCADE_KERNELS=torch|triton|auto forces a path; "triton" on CPU needs TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import attention as reference
+
+
+def backend(t: torch.Tensor) -> str:
+    choice = os.environ.get("CASCADE_KERNELS", "auto")
+    if choice in ("torch", "triton"):
+        return choice
+    return "triton" if t.is_cuda else "torch"
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return reference.apply_rope(x, cos, sin)
+
+
+def chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling, weights=None, head_reduce="max"):
+    return reference.chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling,
+                                     weights=weights, head_reduce=head_reduce)

@@ -1,0 +1,225 @@
+"""Running a transformers model over a fixed-size cache: one forward per chunk, any length.
+
+The model computes q/k/v with its own projections; we call it with every position set to 0, so
+RoPE is the identity there and keys arrive un-rotated. Our attention function (registered with
+transformers' AttentionInterface as "cascade") then rotates queries and keys at positions *inside
+the cache*, attends over [cache | chunk], updates scores and pushes the chunk into the cache.
+Engine state travels to it as keyword arguments of `model(...)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from . import kernels
+from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
+from .errors import Cancelled
+from .models import LoadedModel
+
+ATTENTION_NAME = "cascade"
+
+
+class RopeTable:
+    """cos/sin per position from the model's own rotary module, normalised by its value at 0.
+
+    The model already multiplied q and k by the rotary module's output at position 0 (its
+    attention scaling; 1.0 for plain RoPE), so we divide that back out to avoid applying it twice.
+    """
+
+    def __init__(self, rotary: torch.nn.Module, device, dtype):
+        self.rotary, self.device, self.dtype = rotary, device, dtype
+        self.cos = self.sin = None
+        self._build(4096)
+
+    def _build(self, n: int) -> None:
+        pos = torch.arange(n, device=self.device)[None]
+        dummy = torch.zeros(1, dtype=torch.float32, device=self.device)
+        cos, sin = self.rotary(dummy, pos)  # [1, n, head_dim] each
+        scale = cos[0, 0, 0]
+        self.cos, self.sin = (cos[0] / scale).to(self.dtype), (sin[0] / scale).to(self.dtype)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [n] -> cos, sin: [n, head_dim]"""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0]:
+            self._build(max(need, 2 * self.cos.shape[0]))
+        return self.cos[positions], self.sin[positions]
+
+
+@dataclass
+class StepContext:
+    """What one forward needs besides the tokens; shared by all layers of that forward."""
+
+    cache: KVCache
+    plan: ChunkPlan
+    cache_cos: torch.Tensor  # [slots, head_dim]
+    cache_sin: torch.Tensor
+    chunk_cos: torch.Tensor  # [L, head_dim]
+    chunk_sin: torch.Tensor
+    weights: torch.Tensor | None  # [L] EMA weights of queries; None when the policy is unscored
+    attention_sink: list | None = None  # when a list: per layer, the cache_score of this step (citations)
+
+
+def cascade_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              cascade_step: StepContext | None = None, **kwargs):
+    """transformers attention interface: returns ([batch, L, q_heads, head_dim], None)."""
+    if cascade_step is None:
+        raise RuntimeError("the 'cascade' attention needs cascade_step=...; run the model through engine.runtime")
+    step, layer = cascade_step, module.layer_idx
+    k_res, v_res = step.cache.resident(layer)  # [batch, kv_heads, slots, head_dim], un-rotated
+    k_res = kernels.rope(k_res, step.cache_cos, step.cache_sin)
+    q = kernels.rope(query, step.chunk_cos, step.chunk_sin)
+    k_new = kernels.rope(key, step.chunk_cos, step.chunk_sin)
+    out, cache_score, chunk_score = kernels.chunk_attention(
+        q, k_res, v_res, step.plan.cache_valid, k_new, value, scaling or module.scaling,
+        weights=step.weights, head_reduce=step.cache.config.head_reduce)
+    if step.attention_sink is not None and cache_score is not None:
+        step.attention_sink.append(cache_score)
+    step.cache.push(layer, step.plan, key, value, cache_score, chunk_score)
+    return out.transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, cascade_attention_forward)
+
+
+_register()
+
+
+@dataclass
+class ReadProgress:
+    tokens_read: int
+    tokens_total: int | None
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_read / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if not self.tokens_total or not self.tokens_read:
+            return None
+        return max(0.0, (self.tokens_total - self.tokens_read) / max(self.tokens_per_second, 1e-9))
+
+
+class Engine:
+    """A model plus a cache policy: reads token streams in strides and generates answers."""
+
+    def __init__(self, loaded: LoadedModel, config: CacheConfig, stride: int = 512):
+        from .errors import UserError
+
+        if stride < 1:
+            raise UserError(f"stride must be >= 1, not {stride}")
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.config, self.stride = config, stride
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.rope = RopeTable(self.model.model.rotary_emb, self.device, self.dtype)
+
+    def new_cache(self) -> KVCache:
+        return make_cache(self.config, self.model.config, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "none",
+                attention_sink: list | None = None) -> torch.Tensor | None:
+        """Run one chunk through the model and push it into the cache.
+
+        ids: [1, L]; logits: "none" (reading), "last" (next-token), or "all" (perplexity).
+        """
+        length = ids.shape[1]
+        plan = cache.plan(length)
+        cache_cos, cache_sin = self.rope(plan.cache_pos)
+        chunk_cos, chunk_sin = self.rope(plan.chunk_pos)
+        weights = None
+        if cache.scored:
+            from .attention import query_weights
+
+            weights = query_weights(length, self.config.beta, self.device)
+        step = StepContext(cache, plan, cache_cos, cache_sin, chunk_cos, chunk_sin, weights, attention_sink)
+        out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
+                               use_cache=False, cascade_step=step)
+        cache.commit(plan)
+        hidden = out.last_hidden_state  # [1, L, hidden]
+        if logits == "none":
+            return None
+        if logits == "last":
+            hidden = hidden[:, -1:]
+        return self.model.lm_head(hidden).float()
+
+    def read(self, pieces: Iterable[list[int]], cache: KVCache, total: int | None = None,
+             progress: Callable[[ReadProgress], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, on_chunk: Callable[[KVCache], None] | None = None,
+             logits: str = "none") -> ReadProgress:
+        """Read a stream of token-id pieces in `stride` chunks. Returns the final progress.
+
+        Memory never depends on the stream's length: pieces are consumed lazily, and at most one
+        chunk (plus less than one piece) of ids is held at a time.
+        """
+        start = time.perf_counter()
+        read = 0
+        buffer: list[int] = []
+
+        def run(chunk: list[int]):
+            nonlocal read
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"reading cancelled after {read} tokens")
+            self.forward(torch.tensor([chunk]), cache, logits=logits)
+            read += len(chunk)
+            if on_chunk is not None:
+                on_chunk(cache)
+            if progress is not None:
+                progress(ReadProgress(read, total, time.perf_counter() - start))
+
+        for piece in pieces:
+            buffer.extend(piece)
+            while len(buffer) >= self.stride:
+                run(buffer[: self.stride])
+                del buffer[: self.stride]
+        if buffer:
+            run(buffer)
+        return ReadProgress(read, total, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def generate(self, cache: KVCache, prompt_ids: list[int], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, stop_ids: Iterable[int] = (),
+                 should_stop: Callable[[], bool] | None = None, seed: int | None = None,
+                 attention_sink: list | None = None) -> Iterator[int]:
+        """Read the prompt into the cache, then yield generated token ids one by one.
+
+        Greedy when temperature == 0. Stops on a stop id (not yielded), max_new_tokens or should_stop.
+        """
+        stop = set(stop_ids)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        logits = None
+        for i in range(0, len(prompt_ids), self.stride):
+            logits = self.forward(torch.tensor([prompt_ids[i: i + self.stride]]), cache, logits="last")
+        if logits is None:
+            raise ValueError("generate needs a non-empty prompt")
+        for _ in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                return
+            next_id = sample(logits[0, -1], temperature, top_p, gen)
+            if next_id in stop:
+                return
+            yield next_id
+            logits = self.forward(torch.tensor([[next_id]]), cache, logits="last", attention_sink=attention_sink)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:
+    """logits: [vocab] -> a token id (greedy at temperature 0, nucleus sampling otherwise)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

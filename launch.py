@@ -1,0 +1,6 @@
+"""Start the Cascade Reader web UI: python launch.py [--host H] [--port P] [--model SPEC] [--share]."""
+
+from app.main import main
+
+if __name__ == "__main__":
+    main()
