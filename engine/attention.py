@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+QUERY_BLOCK = 128  # queries per block in the scored path
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -34,6 +36,19 @@ def chunk_mask(cache_valid: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat((cache_valid.expand(length, -1), causal), dim=1)
 
 
+def mask_bias(cache_valid: torch.Tensor, length: int, group: int) -> torch.Tensor | None:
+    """Additive mask (0 / -inf) over the cache slots, or None when every slot is filled. # [slots]"""
+    if bool(cache_valid.all()):
+        return None
+    return torch.zeros(cache_valid.shape, dtype=torch.float32, device=cache_valid.device).masked_fill_(
+        ~cache_valid, float("-inf"))
+
+
+def causal_bias(length: int, device=None) -> torch.Tensor:
+    """Additive causal mask within the chunk. # [length, length]"""
+    return torch.full((length, length), float("-inf"), device=device).triu_(1)
+
+
 def reduce_heads(per_query_head: torch.Tensor, head_reduce: str) -> torch.Tensor:
     """[batch, kv_heads, group, keys] -> [batch, kv_heads, keys]: one score per KV head."""
     if head_reduce == "max":
@@ -53,29 +68,43 @@ def chunk_attention(
     scaling: float,
     weights: torch.Tensor | None = None,  # [L] fp32 query weights; None: no scores wanted
     head_reduce: str = "max",
+    bias: torch.Tensor | None = None,  # [slots] precomputed mask_bias (shared by layers)
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns (out [batch, q_heads, L, head_dim], cache_score [batch, kv_heads, slots] fp32,
     chunk_score [batch, kv_heads, L] fp32); the scores are None when weights is None."""
     batch, q_heads, length, head_dim = q.shape
     kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    mask = chunk_mask(cache_valid, length)  # [L, slots + L]
     k_all = torch.cat((k_cache, k_chunk), dim=2)  # [batch, kv_heads, slots + L, head_dim]
     v_all = torch.cat((v_cache, v_chunk), dim=2)
+    keys = slots + length
 
     if weights is None:  # fast path: nobody needs the scores (full policy)
+        mask = chunk_mask(cache_valid, length)  # [L, slots + L]
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scaling, enable_gqa=True)
         return out, None, None
 
-    # GQA by reshaping: query head h uses KV head h // group, so the group's queries stack as rows.
-    qg = q.reshape(batch, kv_heads, group * length, head_dim)
-    logits = torch.matmul(qg, k_all.transpose(-1, -2)).float() * scaling  # [batch, kv_heads, group*L, keys]
-    logits = logits.view(batch, kv_heads, group, length, slots + length)
-    logits.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # exact: normalised by the full row, not a running estimate
-    out = torch.matmul(probs.view(batch, kv_heads, group * length, -1).to(v_all.dtype), v_all)
-    out = out.view(batch, q_heads, length, head_dim)
-    # sum_t beta**(L-1-t) * p_t(j), per query head, then reduced over the GQA group
-    per_head = torch.einsum("l,bkglj->bkgj", weights.to(probs.device), probs)  # [batch, kv_heads, group, keys]
-    score = reduce_heads(per_head, head_reduce)  # [batch, kv_heads, keys]
-    return out, score[..., :slots], score[..., slots:]
+    if bias is None:
+        bias = mask_bias(cache_valid, length, group)  # [slots] or None when the cache is full
+    causal = causal_bias(length, q.device)  # [L, L]
+    # GQA by indexing: query head h uses KV head h // group; no repeated K/V.
+    qg = (q * scaling).view(batch * kv_heads, group, length, head_dim)
+    kt = k_all.reshape(batch * kv_heads, keys, head_dim).transpose(1, 2)  # [batch*kv_heads, head_dim, keys]
+    vv = v_all.reshape(batch * kv_heads, keys, head_dim)
+    out = torch.empty(batch * kv_heads, group, length, head_dim, dtype=q.dtype, device=q.device)
+    per_head = torch.zeros(batch * kv_heads, group, keys, dtype=torch.float32, device=q.device)
+    # Blocks of queries keep the [rows, keys] probabilities in cache memory (2x faster on CPU than one
+    # big matrix). Each block's softmax is over the full key range, so its sums are exact.
+    for g in range(group):
+        for t0 in range(0, length, QUERY_BLOCK):
+            t1 = min(length, t0 + QUERY_BLOCK)
+            logits = torch.bmm(qg[:, g, t0:t1], kt).float()  # [batch*kv_heads, rows, keys]
+            if bias is not None:
+                logits[..., :slots] += bias
+            logits[..., slots:] += causal[t0:t1]
+            probs = torch.softmax(logits, dim=-1)
+            out[:, g, t0:t1] = torch.bmm(probs.to(vv.dtype), vv)
+            # sum_t beta**(L-1-t) * p_t(j) for this block's queries
+            per_head[:, g] += torch.matmul(weights[t0:t1].to(probs.device).view(1, 1, -1), probs).squeeze(1)
+    score = reduce_heads(per_head.view(batch, kv_heads, group, keys), head_reduce)  # [batch, kv_heads, keys]
+    return out.view(batch, q_heads, length, head_dim), score[..., :slots], score[..., slots:]

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import kernels
+from .attention import mask_bias, query_weights
 from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
 from .models import LoadedModel
@@ -61,7 +62,8 @@ class StepContext:
     chunk_cos: torch.Tensor  # [L, head_dim]
     chunk_sin: torch.Tensor
     weights: torch.Tensor | None  # [L] EMA weights of queries; None when the policy is unscored
-    attention_sink: list | None = None  # when a list: per layer, the cache_score of this step (citations)
+    bias: torch.Tensor | None = None  # additive mask, built by the first layer and reused by the rest
+    attention_sink: list | None = None  # when a list: (cache_score, original positions) per layer (citations)
 
 
 def cascade_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -74,11 +76,13 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     k_res = kernels.rope(k_res, step.cache_cos, step.cache_sin)
     q = kernels.rope(query, step.chunk_cos, step.chunk_sin)
     k_new = kernels.rope(key, step.chunk_cos, step.chunk_sin)
+    if layer == 0 and step.weights is not None:
+        step.bias = mask_bias(step.plan.cache_valid, q.shape[2], q.shape[1] // k_res.shape[1])
     out, cache_score, chunk_score = kernels.chunk_attention(
         q, k_res, v_res, step.plan.cache_valid, k_new, value, scaling or module.scaling,
-        weights=step.weights, head_reduce=step.cache.config.head_reduce)
-    if step.attention_sink is not None and cache_score is not None:
-        step.attention_sink.append(cache_score)
+        weights=step.weights, head_reduce=step.cache.config.head_reduce, bias=step.bias)
+    if step.attention_sink is not None and cache_score is not None:  # citations: who got attention, by position
+        step.attention_sink.append((cache_score, step.cache.original_positions(layer).clone()))
     step.cache.push(layer, step.plan, key, value, cache_score, chunk_score)
     return out.transpose(1, 2), None
 
@@ -140,8 +144,6 @@ class Engine:
         chunk_cos, chunk_sin = self.rope(plan.chunk_pos)
         weights = None
         if cache.scored:
-            from .attention import query_weights
-
             weights = query_weights(length, self.config.beta, self.device)
         step = StepContext(cache, plan, cache_cos, cache_sin, chunk_cos, chunk_sin, weights, attention_sink)
         out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),

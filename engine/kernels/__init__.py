@@ -23,6 +23,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return reference.apply_rope(x, cos, sin)
 
 
-def chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling, weights=None, head_reduce="max"):
+def chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling, weights=None, head_reduce="max",
+                    bias=None):
     return reference.chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling,
-                                     weights=weights, head_reduce=head_reduce)
+                                     weights=weights, head_reduce=head_reduce, bias=bias)

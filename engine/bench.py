@@ -1,0 +1,162 @@
+"""Reading benchmark: tokens/s and peak RSS vs document length, per policy, written as JSON + PNG.
+
+Each (dtype, policy, length) runs in its own process, so peak RSS is that run's alone. The
+"ceiling" row is the same chunked forward with attention skipped: what the rest of the model costs
+on this machine, the bound any cache policy can approach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def bench_tokens(tokenizer, n: int) -> list[int]:
+    """n token ids of real English text (the KJV, repeated if needed)."""
+    from .corpus import kjv_text
+
+    ids: list[int] = []
+    text = kjv_text(max_chars=min(4_200_000, n * 6))
+    while len(ids) < n:
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+    return ids[:n]
+
+
+def _skip_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The model ceiling: no attention at all (output zeros of the right shape)."""
+    return torch.zeros_like(query).transpose(1, 2), None
+
+
+def worker(args: dict) -> dict:
+    """One run in this process: read `length` tokens with one policy; returns timings and RSS."""
+    import resource
+
+    from transformers import AttentionInterface
+
+    from .cache import CacheConfig
+    from .models import load_model
+    from .runtime import Engine
+
+    torch.manual_seed(0)
+    loaded = load_model(args["model"], dtype=getattr(torch, args["dtype"]), say=lambda s: None)
+    ids = bench_tokens(loaded.tokenizer, args["length"])
+    policy = args["policy"]
+    config = CacheConfig(policy="sink" if policy == "ceiling" else policy, sinks=args["sinks"],
+                         window=args["window"], cascades=args["cascades"])
+    engine = Engine(loaded, config, stride=args["stride"])
+    if policy == "ceiling":
+        AttentionInterface.register("skip", _skip_attention)
+        loaded.model.set_attn_implementation("skip")
+    cache = engine.new_cache()
+    chunk_times: list[float] = []
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(ids), engine.stride):
+            t = time.perf_counter()
+            if policy == "ceiling":
+                loaded.model.model(input_ids=torch.tensor([ids[i:i + engine.stride]]), use_cache=False)
+            else:
+                engine.forward(torch.tensor([ids[i:i + engine.stride]]), cache)
+            chunk_times.append(time.perf_counter() - t)
+    seconds = time.perf_counter() - start
+    q = max(1, len(chunk_times) // 4)
+    first, last = sum(chunk_times[:q]), sum(chunk_times[-q:])
+    return {
+        "policy": policy, "dtype": args["dtype"], "length": len(ids), "seconds": seconds,
+        "tokens_per_second": len(ids) / seconds,
+        "first_quarter_tps": q * engine.stride / first, "last_quarter_tps": q * engine.stride / last,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": rss0,
+        "cache_slots": config.slots if policy != "ceiling" else 0,
+    }
+
+
+def run_read_bench(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "read_bench.json"
+    rows: list[dict] = []
+    policies = list(dict.fromkeys(["ceiling", *args.policies]))
+    for dtype in args.dtypes:
+        for length in sorted(args.lengths):
+            for policy in policies:
+                if policy == "full" and length > args.full_max:
+                    continue
+                job = {"model": args.model, "dtype": dtype, "policy": policy, "length": length,
+                       "sinks": args.sinks, "window": args.window, "cascades": args.cascades, "stride": args.stride}
+                print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, "-m", "engine.bench", json.dumps(job)],
+                                      capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                if proc.returncode != 0:
+                    raise RuntimeError(f"bench worker failed: {proc.stderr.strip().splitlines()[-1:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"  {row['tokens_per_second']:.0f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr)
+                results_path.write_text(json.dumps({"settings": vars_of(args), "rows": rows}, indent=1))
+    summary = summarize(rows)
+    results_path.write_text(json.dumps({"settings": vars_of(args), "rows": rows, "summary": summary}, indent=1))
+    plot(rows, out / "read_bench.png")
+    return {"rows": rows, "summary": summary, "json": str(results_path), "png": str(out / "read_bench.png")}
+
+
+def vars_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, type(None)))}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The issue's targets, computed from the rows."""
+    out = {}
+    for dtype in sorted({r["dtype"] for r in rows}):
+        by = {(r["policy"], r["length"]): r for r in rows if r["dtype"] == dtype}
+        s = {}
+        lengths = sorted({l for p, l in by if p == "cascade"})
+        if lengths:
+            longest = by[("cascade", lengths[-1])]
+            s["cascade_last_vs_first_quarter"] = longest["last_quarter_tps"] / longest["first_quarter_tps"]
+            if ("cascade", 8192) in by:
+                s["cascade_rss_growth_8k_to_longest"] = longest["peak_rss_mb"] / by[("cascade", 8192)]["peak_rss_mb"] - 1
+            for l in lengths:
+                c = by[("cascade", l)]
+                if ("full", l) in by:
+                    s[f"cascade_over_full_at_{l}"] = c["tokens_per_second"] / by[("full", l)]["tokens_per_second"]
+                if ("ceiling", l) in by:
+                    s[f"cascade_over_ceiling_at_{l}"] = c["tokens_per_second"] / by[("ceiling", l)]["tokens_per_second"]
+        out[dtype] = s
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for policy in sorted({r["policy"] for r in rows}):
+            sel = sorted((r for r in rows if r["policy"] == policy and r["dtype"] == dtype), key=lambda r: r["length"])
+            if not sel:
+                continue
+            x = [r["length"] for r in sel]
+            label = f"{policy} ({dtype})"
+            a.plot(x, [r["tokens_per_second"] for r in sel], marker="o", label=label)
+            b.plot(x, [r["peak_rss_mb"] for r in sel], marker="o", label=label)
+    for ax, title in ((a, "reading throughput (tokens/s)"), (b, "peak RSS (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("document length (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))

@@ -1,0 +1,228 @@
+"""Command line: python -m engine ask|summarize|bench|eval ...
+
+Progress goes to stderr; results to stdout (text, or one JSON object with --json). Any problem the
+user can fix exits non-zero with a one-line message naming it, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+from .errors import Cancelled, UserError
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def add_cache_options(p: argparse.ArgumentParser) -> None:
+    from .cache import CacheConfig
+
+    d = CacheConfig()
+    p.add_argument("--model", default=None, help="smollm2 (default), a model folder, a .gguf file or a hub id")
+    p.add_argument("--policy", default=d.policy, choices=["cascade", "sink", "full"])
+    p.add_argument("--window", type=int, default=d.window, help="non-sink slots per layer")
+    p.add_argument("--cascades", type=int, default=d.cascades)
+    p.add_argument("--sinks", type=int, default=d.sinks)
+    p.add_argument("--beta", type=float, default=d.beta, help="EMA factor of attention scores")
+    p.add_argument("--stride", type=int, default=512, help="tokens per chunk while reading")
+    p.add_argument("--prompt", choices=["chat", "plain"], default=None,
+                   help="prompt format (default: chat if the model has a chat template)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def cache_config(args):
+    from .cache import CacheConfig
+
+    return CacheConfig(policy=args.policy, sinks=args.sinks, window=args.window, cascades=args.cascades,
+                       beta=args.beta)
+
+
+def load(args, say):
+    import torch
+
+    from .models import load_model
+
+    return load_model(args.model, dtype=getattr(torch, args.dtype), say=say)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def open_session(args):
+    """Load the model and either read DOC (with a progress bar) or load --load SNAPSHOT."""
+    from tqdm import tqdm
+
+    from . import documents
+    from .session import ReadingSession
+
+    config = cache_config(args)  # validate options before the slow model load
+    if args.stride < 1:
+        raise UserError(f"stride must be >= 1, not {args.stride}")
+    document = None if args.load else documents.load_document(args.doc)
+    loaded = load(args, _say)
+    session = ReadingSession(loaded, config, stride=args.stride, prompt=args.prompt)
+    if args.load:
+        session.load(args.load)
+        return session
+    total = documents.count_tokens(document, loaded.tokenizer)
+    bar = tqdm(total=total + len(session._ids(session.format.prefix)), unit="tok", desc="reading",
+               file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+
+    def progress(p):
+        bar.update(p.tokens_read - bar.n)
+        bar.set_postfix_str(f"{p.tokens_per_second:.0f} tok/s")
+
+    try:
+        session.read(document, progress=progress, total_tokens=total)
+    finally:
+        bar.close()
+    if args.save:
+        session.save(args.save)
+        _say(f"saved snapshot to {args.save}")
+    return session
+
+
+def result_json(session, answer, extra: dict | None = None) -> dict:
+    r = session.read_result
+    out = {
+        "answer": answer.text, "question": answer.question, "doc_tokens": r.doc_tokens,
+        "read_seconds": round(r.seconds, 3), "tokens_per_second": round(r.tokens_per_second, 1),
+        "answer_tokens": answer.tokens, "answer_seconds": round(answer.seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "cache_slots": session.config.slots,
+        "cache_mb": round(session.budget()["cache_mb"], 2), "policy": session.config.policy,
+        "window": session.config.window, "cascades": session.config.cascades, "sinks": session.config.sinks,
+        "stride": session.stride, "model": session.loaded.model_id, "prompt": session.format.name,
+        "citations": [c.__dict__ for c in answer.citations],
+    }
+    out.update(extra or {})
+    return out
+
+
+def stream_out(gen, args) -> None:
+    for delta in gen:
+        if not args.json:
+            print(delta, end="", flush=True)
+    if not args.json:
+        print()
+
+
+def cmd_ask(args) -> int:
+    session = open_session(args)
+    stream_out(session.ask(args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature), args)
+    answer = session.answers[-1]
+    if args.json:
+        print(json.dumps(result_json(session, answer)))
+    elif answer.citations:
+        for c in answer.citations:
+            print(f"  [{c.label or 'token ' + str(c.token)}] {c.excerpt!r}", file=sys.stderr)
+    return 0
+
+
+def cmd_summarize(args) -> int:
+    session = open_session(args)
+    if args.mode == "sections":
+        from .summaries import summarize_sections
+
+        sections = []
+        for event in summarize_sections(session, max_new_tokens=args.max_new_tokens, say=None if args.quiet else _say):
+            if event["type"] == "delta" and not args.json:
+                print(event["text"], end="", flush=True)
+            elif event["type"] == "section":
+                sections.append(event)
+        answer = session.answers[-1]
+        if args.json:
+            print(json.dumps(result_json(session, answer, {"summary": answer.text, "mode": "sections",
+                                                           "sections": sections})))
+        else:
+            print()
+        return 0
+    stream_out(session.summarize(max_new_tokens=args.max_new_tokens), args)
+    answer = session.answers[-1]
+    if args.json:
+        print(json.dumps(result_json(session, answer, {"summary": answer.text, "mode": "cache"})))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.kernels:
+        from .kernels.bench import run_kernel_bench
+
+        res = run_kernel_bench(args.out, sizes=args.sizes)
+    else:
+        from .bench import run_read_bench
+
+        res = run_read_bench(args)
+    print(json.dumps(res.get("summary", res), indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate
+
+    return evaluate.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Cascade Reader engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (("ask", "read a document and answer a question"),
+                           ("summarize", "read a document and summarize it")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("doc", nargs="?", help="txt, md, pdf, epub, srt or vtt file")
+        if name == "ask":
+            p.add_argument("--question", "-q", required=True)
+        else:
+            p.add_argument("--mode", choices=["cache", "sections"], default="cache")
+        add_cache_options(p)
+        p.add_argument("--max-new-tokens", type=int, default=256 if name == "ask" else 300)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--save", metavar="SNAPSHOT", help="save the read document to SNAPSHOT(.json/.safetensors)")
+        p.add_argument("--load", metavar="SNAPSHOT", help="load a saved document instead of reading DOC")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = sub.add_parser("bench", help="reading throughput and memory vs length (JSON + PNG)")
+    add_cache_options(b)
+    b.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
+    b.add_argument("--policies", nargs="+", default=["cascade", "sink", "full"])
+    b.add_argument("--full-max", type=int, default=32768, help="longest length to run full attention at")
+    b.add_argument("--kernels", action="store_true", help="time the attention kernels instead (GPU benchmark)")
+    b.add_argument("--sizes", type=int, nargs="+", default=None, help="prompt sizes for --kernels")
+    b.add_argument("--out", default="results/bench", help="output folder")
+    b.add_argument("--dtypes", nargs="+", default=["float32"], help="dtypes to compare (float32 bfloat16)")
+    e = sub.add_parser("eval", help="passkey / perplexity / QA evaluations")
+    try:
+        from . import evaluate
+
+        evaluate.add_arguments(e)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("ask", "summarize") and not args.doc and not args.load:
+        parser.error(f"{args.command} needs a document (DOC) or --load SNAPSHOT")
+    handler = {"ask": cmd_ask, "summarize": cmd_summarize, "bench": cmd_bench, "eval": cmd_eval}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Cancelled as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

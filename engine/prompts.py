@@ -1,0 +1,54 @@
+"""Prompt formats: where the document goes, where questions go, for chat and plain (base) models.
+
+The chat format is rendered from the model's own chat template with placeholder markers, then
+split, so the document can be streamed between a fixed prefix and a question suffix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DOC_INTRO = "Read the following document. Afterwards, answer questions about it.\n\n<document>\n"
+DOC_OUTRO = "\n</document>\n\n"
+SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering its main points."
+SECTION_QUESTION = "Summarize the part of the document you just read in two or three sentences."
+FINAL_SUMMARY_QUESTION = "These are summaries of consecutive sections of one document. Write one summary of the whole document."
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str  # "chat" or "plain"
+    prefix: str  # before the document (pinned in the sinks)
+    question: str  # after the document; {q} is the question
+    follow_up: str  # after a previous answer, for a running conversation; {q} is the question
+
+    def question_text(self, q: str) -> str:
+        return DOC_OUTRO + self.question.format(q=q)
+
+    def follow_up_text(self, q: str) -> str:
+        return self.follow_up.format(q=q)
+
+
+def _split(text: str, marker: str) -> tuple[str, str]:
+    before, sep, after = text.partition(marker)
+    if not sep:
+        raise ValueError(f"chat template lost the marker {marker!r}")
+    return before, after
+
+
+def prompt_format(tokenizer, name: str) -> PromptFormat:
+    if name == "plain":
+        bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token else ""
+        return PromptFormat("plain", bos + DOC_INTRO, "Question: {q}\nAnswer:", "\n\nQuestion: {q}\nAnswer:")
+    if name != "chat":
+        raise ValueError(f"prompt format must be 'chat' or 'plain', not {name!r}")
+    # Render a two-turn conversation with markers, then cut it into reusable pieces.
+    d, q1, a1, q2 = "\x00DOC\x00", "\x00Q1\x00", "\x00A1\x00", "\x00Q2\x00"
+    msgs = [{"role": "user", "content": DOC_INTRO + d + q1}, {"role": "assistant", "content": a1},
+            {"role": "user", "content": q2}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    prefix, rest = _split(text, d)
+    _, rest = _split(rest, q1)
+    after_q1, rest = _split(rest, a1)
+    between, after_q2 = _split(rest, q2)
+    return PromptFormat("chat", prefix, "{q}" + after_q1, between + "{q}" + after_q2)
