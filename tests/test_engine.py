@@ -1,0 +1,152 @@
+"""The engine on a tiny random Llama: exactness, chunking, scores, decoding, memory bounds."""
+
+import pytest
+import torch
+
+from conftest import reference_logits
+from engine.attention import apply_rope, chunk_attention, query_weights
+from engine.cache import CacheConfig
+from engine.errors import Cancelled, UserError
+from engine.runtime import Engine
+
+
+def read_logits(engine, ids, stride):
+    cache = engine.new_cache()
+    outs = [engine.forward(torch.tensor([ids[i:i + stride]]), cache, logits="all") for i in range(0, len(ids), stride)]
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("policy", ["cascade", "sink", "full"])
+@pytest.mark.parametrize("stride", [1, 7, 64, 300])
+def test_fits_in_cache_equals_plain_model(tiny_llama, policy, stride):
+    ids = torch.randint(0, 257, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(tiny_llama, CacheConfig(policy=policy, sinks=4, window=300, cascades=4), stride=stride)
+    got, cache = read_logits(engine, ids, stride)
+    want = reference_logits(tiny_llama, ids)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert cache.n_valid == 300
+
+
+def test_eviction_changes_logits_but_positions_stay_bounded(tiny_llama):
+    ids = torch.randint(0, 257, (600,), generator=torch.Generator().manual_seed(2)).tolist()
+    config = CacheConfig(sinks=4, window=64, cascades=4)
+    engine = Engine(tiny_llama, config, stride=32)
+    got, cache = read_logits(engine, ids, 32)
+    want = reference_logits(tiny_llama, ids)
+    assert torch.allclose(got[:, :68], want[:, :68], atol=1e-4)  # before anything is evicted
+    assert not torch.allclose(got[:, -32:], want[:, -32:], atol=1e-2)  # after: a different (bounded) context
+    assert cache.n_valid == 68
+    plan = cache.plan(32)
+    assert int(plan.chunk_pos.max()) < config.sinks + config.window + 32  # never beyond S + W + stride
+
+
+def test_chunked_reading_equals_one_shot_when_nothing_is_evicted(tiny_llama):
+    ids = torch.randint(0, 257, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    # head_reduce="mean" is linear, so the EMA over chunks must equal the EMA over one chunk
+    # ("max" is applied per forward, so it legitimately differs between chunkings)
+    engine = Engine(tiny_llama, CacheConfig(sinks=8, window=256, cascades=2, head_reduce="mean"), stride=200)
+    one_shot, c1 = read_logits(engine, ids, 200)
+    chunked, c2 = read_logits(engine, ids, 17)
+    assert torch.allclose(one_shot, chunked, atol=1e-4)
+    for layer in range(2):
+        assert torch.allclose(c1.score[layer], c2.score[layer], rtol=1e-4, atol=1e-5)
+
+
+def brute_force_scores(q, k_all, valid_all, scaling, beta, group):
+    """Explicit softmax matrix per query head, then the weighted column sum, max over each GQA group."""
+    b, hq, L, d = q.shape
+    keys = k_all.shape[2]
+    out = torch.zeros(b, hq // group, keys)
+    slots = keys - L
+    for bi in range(b):
+        for h in range(hq):
+            kv = h // group
+            col = torch.zeros(keys)
+            for t in range(L):
+                logits = (k_all[bi, kv] @ q[bi, h, t]) * scaling
+                allowed = valid_all.clone()
+                allowed[slots + t + 1:] = False
+                p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), 0)
+                col += beta ** (L - 1 - t) * p
+            out[bi, kv] = torch.maximum(out[bi, kv], col)
+    return out
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_scores_equal_brute_force_column_sums(group):
+    torch.manual_seed(group)
+    b, kv, slots, L, d = 2, 2, 13, 9, 8
+    q = torch.randn(b, kv * group, L, d)
+    kc, vc = torch.randn(b, kv, slots, d), torch.randn(b, kv, slots, d)
+    kn, vn = torch.randn(b, kv, L, d), torch.randn(b, kv, L, d)
+    valid = torch.rand(slots) > 0.3
+    beta = 0.9
+    out, cs, ns = chunk_attention(q, kc, vc, valid, kn, vn, 0.3, weights=query_weights(L, beta))
+    want = brute_force_scores(q, torch.cat((kc, kn), 2), torch.cat((valid, torch.ones(L, dtype=torch.bool))), 0.3,
+                              beta, group)
+    assert torch.allclose(torch.cat((cs, ns), -1), want, atol=1e-5)
+    assert torch.all(cs[..., ~valid] == 0)
+    ref_out, _, _ = chunk_attention(q, kc, vc, valid, kn, vn, 0.3)  # the sdpa path
+    assert torch.allclose(out, ref_out, atol=1e-5)
+
+
+def test_rope_at_cache_positions_matches_model_rotation(tiny_llama):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    engine = Engine(tiny_llama, CacheConfig(), stride=8)
+    x = torch.randn(1, 2, 5, 16)
+    pos = torch.tensor([0, 3, 4, 100, 2000])
+    cos, sin = tiny_llama.model.model.rotary_emb(x, pos[None])
+    want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    c, s = engine.rope(pos)
+    assert torch.allclose(apply_rope(x, c, s), want, atol=1e-5)
+
+
+def test_generation_is_deterministic_and_leaves_snapshot_intact(tiny_llama):
+    ids = torch.randint(0, 257, (150,), generator=torch.Generator().manual_seed(4)).tolist()
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=32, cascades=2), stride=16)
+    cache = engine.new_cache()
+    engine.read([ids[:70], ids[70:]], cache)
+    before = {k: v.clone() for k, v in cache.state().items()}
+    a = list(engine.generate(cache.clone(), [5, 6, 7], max_new_tokens=10))
+    b = list(engine.generate(cache.clone(), [5, 6, 7], max_new_tokens=10))
+    assert a == b and len(a) == 10
+    for k, v in cache.state().items():
+        assert torch.equal(v, before[k])
+    # greedy decode equals argmax of the plain model when everything fits
+    big = Engine(tiny_llama, CacheConfig(sinks=4, window=400, cascades=2), stride=16)
+    c2 = big.new_cache()
+    big.read([ids], c2)
+    gen = list(big.generate(c2, [5, 6, 7], max_new_tokens=5))
+    seq = ids + [5, 6, 7]
+    for tok in gen:
+        assert tok == int(reference_logits(tiny_llama, seq)[0, -1].argmax())
+        seq.append(tok)
+
+
+def test_read_reports_progress_and_can_cancel(tiny_llama):
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=32, cascades=2), stride=10)
+    seen = []
+    done = engine.read(iter([[1] * 25, [2] * 20]), engine.new_cache(), total=45, progress=seen.append)
+    assert [p.tokens_read for p in seen] == [10, 20, 30, 40, 45] and done.tokens_read == 45
+    assert seen[-1].eta_seconds == 0 and seen[0].tokens_per_second > 0
+    with pytest.raises(Cancelled):
+        engine.read([[1] * 100], engine.new_cache(), should_stop=lambda: len(seen) > 6,
+                    progress=seen.append)
+    assert len(seen) == 7  # stopped within one chunk
+
+
+def test_memory_is_independent_of_length(tiny_llama):
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=32, cascades=4), stride=16)
+    sizes = []
+    for n in (200, 2000):
+        cache = engine.new_cache()
+        engine.read(([3] * 50 for _ in range(n // 50)), cache)
+        sizes.append(cache.nbytes())
+        assert cache.seen == n
+    assert sizes[0] == sizes[1]
+
+
+def test_bad_stride_is_a_user_error(tiny_llama):
+    with pytest.raises(UserError, match="stride"):
+        Engine(tiny_llama, CacheConfig(), stride=0)
