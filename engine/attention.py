@@ -49,6 +49,19 @@ def causal_bias(length: int, device=None) -> torch.Tensor:
     return torch.full((length, length), float("-inf"), device=device).triu_(1)
 
 
+def window_bias(cache_pos: torch.Tensor, cache_valid: torch.Tensor, chunk_pos: torch.Tensor,
+                window: int) -> torch.Tensor:
+    """Additive mask for a sliding-window layer: query at position P sees keys at p with 0 <= P - p < window.
+
+    # [L, slots + L]
+    """
+    key_pos = torch.cat((cache_pos, chunk_pos))
+    key_ok = torch.cat((cache_valid, torch.ones_like(chunk_pos, dtype=torch.bool)))
+    distance = chunk_pos[:, None] - key_pos[None, :]
+    allowed = key_ok[None, :] & (distance >= 0) & (distance < window)
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def reduce_heads(per_query_head: torch.Tensor, head_reduce: str) -> torch.Tensor:
     """[batch, kv_heads, group, keys] -> [batch, kv_heads, keys]: one score per KV head."""
     if head_reduce == "max":
@@ -69,6 +82,7 @@ def chunk_attention(
     weights: torch.Tensor | None = None,  # [L] fp32 query weights; None: no scores wanted
     head_reduce: str = "max",
     bias: torch.Tensor | None = None,  # [slots] precomputed mask_bias (shared by layers)
+    window_bias: torch.Tensor | None = None,  # [L, slots + L] additive mask of a sliding-window layer
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns (out [batch, q_heads, L, head_dim], cache_score [batch, kv_heads, slots] fp32,
     chunk_score [batch, kv_heads, L] fp32); the scores are None when weights is None."""
@@ -79,10 +93,12 @@ def chunk_attention(
     v_all = torch.cat((v_cache, v_chunk), dim=2)
     keys = slots + length
 
-    if weights is None:  # fast path: nobody needs the scores (full policy)
-        mask = chunk_mask(cache_valid, length)  # [L, slots + L]
+    if weights is None:  # fast path: nobody needs the scores (full policy, sliding-window layers)
+        mask = chunk_mask(cache_valid, length) if window_bias is None else window_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scaling, enable_gqa=True)
         return out, None, None
+    if window_bias is not None:
+        raise ValueError("window_bias is only supported without scores")
 
     if bias is None:
         bias = mask_bias(cache_valid, length, group)  # [slots] or None when the cache is full

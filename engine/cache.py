@@ -173,6 +173,15 @@ class KVCache:
     def n_valid(self) -> int:
         raise NotImplementedError
 
+    @property
+    def parts(self) -> dict[str, "KVCache"]:
+        """Caches that plan independently; one for most models (see HybridCache)."""
+        return {"global": self}
+
+    def part_of(self, layer: int) -> tuple[str, int]:
+        """Which part holds a model layer, and its index there."""
+        return "global", layer
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state().values())
 
@@ -421,10 +430,74 @@ def last_argmax_per_group(score: torch.Tensor, group: torch.Tensor, n_groups: in
     return winner.scatter_reduce(2, idx, candidate, reduce="amax", include_self=True)
 
 
+class HybridCache(KVCache):
+    """Models that mix global and sliding-window layers (Gemma-3): the policy applies to the global
+    layers; each sliding layer keeps its own window, a FIFO of sliding_window - 1 slots without
+    sinks (the query itself is the window's last token)."""
+
+    def __init__(self, config: CacheConfig, layer_types: list[str], sliding_window: int, kv_heads: int,
+                 head_dim: int, batch: int = 1, dtype=torch.float32, device="cpu"):
+        super().__init__(config, len(layer_types), kv_heads, head_dim, batch=batch, dtype=dtype, device=device)
+        sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+        glob = [i for i, t in enumerate(layer_types) if t != "sliding_attention"]
+        self.sliding_window = sliding_window
+        self.main = POLICY_CLASSES[config.policy](config, len(glob), kv_heads, head_dim, batch=batch,
+                                                  dtype=dtype, device=device)
+        window_config = CacheConfig(policy="sink", sinks=0, window=max(1, sliding_window - 1), cascades=1)
+        self.sliding = SinkCache(window_config, len(sliding), kv_heads, head_dim, batch=batch, dtype=dtype,
+                                 device=device)
+        self.layer_map = {layer: ("global", k) for k, layer in enumerate(glob)}
+        self.layer_map.update({layer: ("sliding", k) for k, layer in enumerate(sliding)})
+        self.scored = self.main.scored
+
+    @property
+    def parts(self):
+        return {"global": self.main, "sliding": self.sliding}
+
+    def part_of(self, layer):
+        return self.layer_map[layer]
+
+    @property
+    def seen(self):
+        return self.main.seen
+
+    @seen.setter
+    def seen(self, value):  # set by KVCache.__init__ before the parts exist
+        pass
+
+    @property
+    def n_valid(self):
+        return self.main.n_valid
+
+    def original_positions(self, layer):
+        name, k = self.part_of(layer)
+        return self.parts[name].original_positions(k)
+
+    def state(self):
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.state().items()}
+
+    def load_state(self, state):
+        for name, part in self.parts.items():
+            part.load_state({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+
+    def clone(self):
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.main, other.sliding = self.main.clone(), self.sliding.clone()
+        return other
+
+
+POLICY_CLASSES = {"cascade": CascadeCache, "sink": SinkCache, "full": FullCache}
+
+
 def make_cache(config: CacheConfig, model_config, batch: int = 1, dtype=torch.float32, device="cpu") -> KVCache:
-    """A cache for a transformers model config (Llama family: one KV cache per decoder layer)."""
+    """A cache for a transformers model config: one KV cache per decoder layer."""
     n_layers = model_config.num_hidden_layers
     kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    cls = {"cascade": CascadeCache, "sink": SinkCache, "full": FullCache}[config.policy]
-    return cls(config, n_layers, kv_heads, head_dim, batch=batch, dtype=dtype, device=device)
+    layer_types = list(getattr(model_config, "layer_types", None) or [])
+    if "sliding_attention" in layer_types and getattr(model_config, "sliding_window", None):
+        return HybridCache(config, layer_types[:n_layers], model_config.sliding_window, kv_heads, head_dim,
+                           batch=batch, dtype=dtype, device=device)
+    return POLICY_CLASSES[config.policy](config, n_layers, kv_heads, head_dim, batch=batch, dtype=dtype,
+                                         device=device)

@@ -32,7 +32,8 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=512, help="tokens per chunk while reading")
     p.add_argument("--prompt", choices=["chat", "plain"], default=None,
                    help="prompt format (default: chat if the model has a chat template)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 where the CPU has native bf16 (about 2x faster), else float32")
 
 
 def cache_config(args):
@@ -43,11 +44,9 @@ def cache_config(args):
 
 
 def load(args, say):
-    import torch
-
     from .models import load_model
 
-    return load_model(args.model, dtype=getattr(torch, args.dtype), say=say)
+    return load_model(args.model, dtype=args.dtype, say=say)
 
 
 def _say(msg: str) -> None:
@@ -194,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kernels", action="store_true", help="time the attention kernels instead (GPU benchmark)")
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="prompt sizes for --kernels")
     b.add_argument("--out", default="results/bench", help="output folder")
-    b.add_argument("--dtypes", nargs="+", default=["float32"], help="dtypes to compare (float32 bfloat16)")
+    b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes to compare")
     e = sub.add_parser("eval", help="passkey / perplexity / QA evaluations")
     try:
         from . import evaluate

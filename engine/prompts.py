@@ -36,9 +36,9 @@ def _split(text: str, marker: str) -> tuple[str, str]:
     return before, after
 
 
-def prompt_format(tokenizer, name: str) -> PromptFormat:
+def prompt_format(tokenizer, name: str, bos: str = "") -> PromptFormat:
+    """bos: text that must start a plain prompt (LoadedModel.bos); chat templates bring their own."""
     if name == "plain":
-        bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token else ""
         return PromptFormat("plain", bos + DOC_INTRO, "Question: {q}\nAnswer:", "\n\nQuestion: {q}\nAnswer:")
     if name != "chat":
         raise ValueError(f"prompt format must be 'chat' or 'plain', not {name!r}")

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import kernels
-from .attention import mask_bias, query_weights
+from .attention import mask_bias, query_weights, window_bias
 from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
 from .models import LoadedModel
@@ -29,17 +29,19 @@ class RopeTable:
 
     The model already multiplied q and k by the rotary module's output at position 0 (its
     attention scaling; 1.0 for plain RoPE), so we divide that back out to avoid applying it twice.
+    layer_type selects the rotary of one kind of layer where a model has several (Gemma-3).
     """
 
-    def __init__(self, rotary: torch.nn.Module, device, dtype):
-        self.rotary, self.device, self.dtype = rotary, device, dtype
+    def __init__(self, rotary: torch.nn.Module, device, dtype, layer_type: str | None = None):
+        self.rotary, self.device, self.dtype, self.layer_type = rotary, device, dtype, layer_type
         self.cos = self.sin = None
         self._build(4096)
 
     def _build(self, n: int) -> None:
         pos = torch.arange(n, device=self.device)[None]
         dummy = torch.zeros(1, dtype=torch.float32, device=self.device)
-        cos, sin = self.rotary(dummy, pos)  # [1, n, head_dim] each
+        extra = (self.layer_type,) if self.layer_type else ()
+        cos, sin = self.rotary(dummy, pos, *extra)  # [1, n, head_dim] each
         scale = cos[0, 0, 0]
         self.cos, self.sin = (cos[0] / scale).to(self.dtype), (sin[0] / scale).to(self.dtype)
 
@@ -52,8 +54,8 @@ class RopeTable:
 
 
 @dataclass
-class StepContext:
-    """What one forward needs besides the tokens; shared by all layers of that forward."""
+class PartStep:
+    """What the layers of one cache part need for one forward (shared by those layers)."""
 
     cache: KVCache
     plan: ChunkPlan
@@ -61,8 +63,17 @@ class StepContext:
     cache_sin: torch.Tensor
     chunk_cos: torch.Tensor  # [L, head_dim]
     chunk_sin: torch.Tensor
-    weights: torch.Tensor | None  # [L] EMA weights of queries; None when the policy is unscored
-    bias: torch.Tensor | None = None  # additive mask, built by the first layer and reused by the rest
+    weights: torch.Tensor | None  # [L] EMA weights of queries; None when the part is unscored
+    bias: torch.Tensor | None = None  # additive mask over slots, built by the part's first layer
+    window_bias: torch.Tensor | None = None  # [L, slots + L] for sliding-window parts
+
+
+@dataclass
+class StepContext:
+    """What one forward needs besides the tokens."""
+
+    cache: KVCache
+    parts: dict[str, PartStep]
     attention_sink: list | None = None  # when a list: (cache_score, original positions) per layer (citations)
 
 
@@ -71,19 +82,21 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     """transformers attention interface: returns ([batch, L, q_heads, head_dim], None)."""
     if cascade_step is None:
         raise RuntimeError("the 'cascade' attention needs cascade_step=...; run the model through engine.runtime")
-    step, layer = cascade_step, module.layer_idx
-    k_res, v_res = step.cache.resident(layer)  # [batch, kv_heads, slots, head_dim], un-rotated
-    k_res = kernels.rope(k_res, step.cache_cos, step.cache_sin)
-    q = kernels.rope(query, step.chunk_cos, step.chunk_sin)
-    k_new = kernels.rope(key, step.chunk_cos, step.chunk_sin)
-    if layer == 0 and step.weights is not None:
-        step.bias = mask_bias(step.plan.cache_valid, q.shape[2], q.shape[1] // k_res.shape[1])
+    name, layer = cascade_step.cache.part_of(module.layer_idx)
+    part = cascade_step.parts[name]
+    k_res, v_res = part.cache.resident(layer)  # [batch, kv_heads, slots, head_dim], un-rotated
+    k_res = kernels.rope(k_res, part.cache_cos, part.cache_sin)
+    q = kernels.rope(query, part.chunk_cos, part.chunk_sin)
+    k_new = kernels.rope(key, part.chunk_cos, part.chunk_sin)
+    if part.bias is None and part.weights is not None:
+        part.bias = mask_bias(part.plan.cache_valid, q.shape[2], q.shape[1] // k_res.shape[1])
     out, cache_score, chunk_score = kernels.chunk_attention(
-        q, k_res, v_res, step.plan.cache_valid, k_new, value, scaling or module.scaling,
-        weights=step.weights, head_reduce=step.cache.config.head_reduce, bias=step.bias)
-    if step.attention_sink is not None and cache_score is not None:  # citations: who got attention, by position
-        step.attention_sink.append((cache_score, step.cache.original_positions(layer).clone()))
-    step.cache.push(layer, step.plan, key, value, cache_score, chunk_score)
+        q, k_res, v_res, part.plan.cache_valid, k_new, value, scaling or module.scaling,
+        weights=part.weights, head_reduce=part.cache.config.head_reduce, bias=part.bias,
+        window_bias=part.window_bias)
+    if cascade_step.attention_sink is not None and cache_score is not None and name == "global":
+        cascade_step.attention_sink.append((cache_score, part.cache.original_positions(layer).clone()))
+    part.cache.push(layer, part.plan, key, value, cache_score, chunk_score)
     return out.transpose(1, 2), None
 
 
@@ -126,7 +139,14 @@ class Engine:
         self.model.set_attn_implementation(ATTENTION_NAME)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.rope = RopeTable(self.model.model.rotary_emb, self.device, self.dtype)
+        layer_types = set(getattr(self.model.config, "layer_types", None) or [])
+        rotary = self.model.model.rotary_emb
+        if "sliding_attention" in layer_types:  # one rotary per kind of layer (Gemma-3)
+            self.rope = {"global": RopeTable(rotary, self.device, self.dtype, "full_attention"),
+                         "sliding": RopeTable(rotary, self.device, self.dtype, "sliding_attention")}
+        else:
+            self.rope = {"global": RopeTable(rotary, self.device, self.dtype)}
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
 
     def new_cache(self) -> KVCache:
         return make_cache(self.config, self.model.config, dtype=self.dtype, device=self.device)
@@ -139,22 +159,29 @@ class Engine:
         ids: [1, L]; logits: "none" (reading), "last" (next-token), or "all" (perplexity).
         """
         length = ids.shape[1]
-        plan = cache.plan(length)
-        cache_cos, cache_sin = self.rope(plan.cache_pos)
-        chunk_cos, chunk_sin = self.rope(plan.chunk_pos)
-        weights = None
-        if cache.scored:
-            weights = query_weights(length, self.config.beta, self.device)
-        step = StepContext(cache, plan, cache_cos, cache_sin, chunk_cos, chunk_sin, weights, attention_sink)
+        parts = {}
+        for name, part in cache.parts.items():
+            plan = part.plan(length)
+            rope = self.rope[name]
+            weights = query_weights(length, self.config.beta, self.device) if part.scored and name == "global" else None
+            step = PartStep(part, plan, *rope(plan.cache_pos), *rope(plan.chunk_pos), weights)
+            if name == "sliding":
+                step.window_bias = window_bias(plan.cache_pos, plan.cache_valid, plan.chunk_pos, cache.sliding_window)
+            parts[name] = step
+        step = StepContext(cache, parts, attention_sink)
         out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
                                use_cache=False, cascade_step=step)
-        cache.commit(plan)
+        for name, part in cache.parts.items():
+            part.commit(parts[name].plan)
         hidden = out.last_hidden_state  # [1, L, hidden]
         if logits == "none":
             return None
         if logits == "last":
             hidden = hidden[:, -1:]
-        return self.model.lm_head(hidden).float()
+        out = self.model.lm_head(hidden).float()
+        if self.softcap:  # Gemma-style final logit soft-capping
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
 
     def read(self, pieces: Iterable[list[int]], cache: KVCache, total: int | None = None,
              progress: Callable[[ReadProgress], None] | None = None,

@@ -62,7 +62,7 @@ class ReadingSession:
                  prompt: str | None = None):
         self.engine = Engine(loaded, config, stride)
         self.loaded, self.config, self.stride = loaded, config, stride
-        self.format: PromptFormat = prompt_format(loaded.tokenizer, prompt or loaded.prompt_format)
+        self.format: PromptFormat = prompt_format(loaded.tokenizer, prompt or loaded.prompt_format, loaded.bos)
         self.document: documents.Document | None = None
         self.source_map: documents.SourceMap | None = None
         self.doc_cache: KVCache | None = None  # state right after reading: every answer starts here

@@ -24,6 +24,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling, weights=None, head_reduce="max",
-                    bias=None):
+                    bias=None, window_bias=None):
     return reference.chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling,
-                                     weights=weights, head_reduce=head_reduce, bias=bias)
+                                     weights=weights, head_reduce=head_reduce, bias=bias, window_bias=window_bias)
