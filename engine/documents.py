@@ -116,9 +116,15 @@ def decode_text(data: bytes, name: str) -> str:
         pass
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data).best()
+    matches = from_bytes(data)
+    best = matches.best()
     if best is None:
         raise UserError(f"{name}: is not a text file (unknown encoding)")
+    # Short Western texts are ambiguous between 8-bit code pages (Latin-1 vs Baltic, say); prefer
+    # Windows-1252 (a superset of Latin-1) whenever the detector finds it about as plausible.
+    western = next((m for m in matches if m.encoding == "cp1252"), None)
+    if western is not None and western.chaos <= best.chaos + 0.2:
+        best = western
     return _normalise(str(best))
 
 
