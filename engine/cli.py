@@ -10,7 +10,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 
 from .errors import Cancelled, UserError
 
@@ -53,10 +52,11 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def open_session(args):
-    """Load the model and either read DOC (with a progress bar) or load --load SNAPSHOT."""
-    from tqdm import tqdm
+def open_session(args, read: bool = True):
+    """Load the model and either read DOC (with a progress bar) or load --load SNAPSHOT.
 
+    With read=False the document is only loaded (session.pending_document) for the caller to read.
+    """
     from . import documents
     from .session import ReadingSession
 
@@ -69,22 +69,37 @@ def open_session(args):
     if args.load:
         session.load(args.load)
         return session
-    total = documents.count_tokens(document, loaded.tokenizer)
-    bar = tqdm(total=total + len(session._ids(session.format.prefix)), unit="tok", desc="reading",
-               file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
-
-    def progress(p):
-        bar.update(p.tokens_read - bar.n)
-        bar.set_postfix_str(f"{p.tokens_per_second:.0f} tok/s")
-
+    if not read:
+        session.pending_document = document
+        return session
+    bar = reading_bar(args, session, document)
     try:
-        session.read(document, progress=progress, total_tokens=total)
+        session.read(document, progress=bar.progress, total_tokens=bar.doc_tokens)
     finally:
         bar.close()
     if args.save:
         session.save(args.save)
         _say(f"saved snapshot to {args.save}")
     return session
+
+
+def reading_bar(args, session, document):
+    """A tqdm bar on stderr fed by ReadProgress callbacks (bar.progress)."""
+    from tqdm import tqdm
+
+    from . import documents
+
+    doc_tokens = documents.count_tokens(document, session.loaded.tokenizer)
+    bar = tqdm(total=doc_tokens + len(session._ids(session.format.prefix)), unit="tok", desc="reading",
+               file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+
+    def progress(p):
+        bar.total = max(bar.total, p.tokens_total or 0)
+        bar.update(p.tokens_read - bar.n)
+        bar.set_postfix_str(f"{p.tokens_per_second:.0f} tok/s")
+
+    bar.progress, bar.doc_tokens = progress, doc_tokens
+    return bar
 
 
 def result_json(session, answer, extra: dict | None = None) -> dict:
@@ -124,16 +139,29 @@ def cmd_ask(args) -> int:
 
 
 def cmd_summarize(args) -> int:
-    session = open_session(args)
     if args.mode == "sections":
         from .summaries import summarize_sections
 
-        sections = []
-        for event in summarize_sections(session, max_new_tokens=args.max_new_tokens, say=None if args.quiet else _say):
-            if event["type"] == "delta" and not args.json:
-                print(event["text"], end="", flush=True)
-            elif event["type"] == "section":
+        if args.load:
+            raise UserError("--mode sections reads the document section by section; it cannot start from --load")
+        session = open_session(args, read=False)
+        sections, heading = [], None
+        bar = reading_bar(args, session, session.pending_document)
+        for event in summarize_sections(session, session.pending_document, final_tokens=args.max_new_tokens,
+                                        progress=bar.progress):
+            kind = event["type"]
+            if kind == "section":
                 sections.append(event)
+            if args.json or kind not in ("section_delta", "delta"):
+                continue
+            title = event["label"] if kind == "section_delta" else "Summary"
+            if title != heading:  # a new section (or the final summary) starts streaming
+                print(f"\n## {title}\n", flush=True)
+                heading = title
+            print(event["text"], end="", flush=True)
+        bar.close()
+        if args.save:
+            session.save(args.save)
         answer = session.answers[-1]
         if args.json:
             print(json.dumps(result_json(session, answer, {"summary": answer.text, "mode": "sections",
@@ -141,6 +169,7 @@ def cmd_summarize(args) -> int:
         else:
             print()
         return 0
+    session = open_session(args)
     stream_out(session.summarize(max_new_tokens=args.max_new_tokens), args)
     answer = session.answers[-1]
     if args.json:

@@ -20,7 +20,7 @@ from . import documents
 from .cache import CacheConfig, KVCache
 from .errors import UserError
 from .models import LoadedModel
-from .prompts import (FINAL_SUMMARY_QUESTION, SECTION_QUESTION, SUMMARY_QUESTION, PromptFormat,
+from .prompts import (SUMMARY_QUESTION, PromptFormat,
                       prompt_format)
 from .runtime import Engine, ReadProgress
 

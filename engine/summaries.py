@@ -7,6 +7,7 @@ cache. The final summary reads the section summaries as a new, short document.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -56,11 +57,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
     total = documents.count_tokens(document, tok)
     sections: list[dict] = []
     buffer: list[int] = []
-    read_tokens, t0 = 0, None
-    import time
-
-    t0 = time.perf_counter()
-    read_seconds = 0.0
+    read_tokens, read_seconds, t0 = 0, 0.0, time.perf_counter()
 
     def flush(k: int):
         nonlocal read_tokens, read_seconds
@@ -76,10 +73,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         if say:
             say(f"section {k + 1}/{len(bounds)}: {label}")
         answer = Answer(SECTION_QUESTION)
-        text = ""
         for delta in session._generate(cache.clone(), session._ids(session.format.question_text(SECTION_QUESTION)),
                                        answer, max_new_tokens, 0.0, 1.0, should_stop, 0, 0):
-            text += delta
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
         event = {"type": "section", "index": k, "label": label, "start_char": a, "end_char": b,
                  "summary": answer.text}

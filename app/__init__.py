@@ -1,0 +1,1 @@
+"""Cascade Reader web UI (Gradio). UI only: model work goes through the engine package."""
