@@ -247,7 +247,7 @@ def retention_view(view, layer, head, start, count, request: gr.Request):
     table = views.occupancy_table(r, layer, cfg.cascade_slots if cfg.slots else 0, cfg.sinks)
     held = set(r["positions"][layer, head][r["positions"][layer, head] >= 0].tolist())
     sm = st.session.source_map
-    offsets = sm.offsets[st.session.prefix_tokens:] if len(sm.offsets) > st.session.read_result.doc_tokens else sm.offsets
+    offsets = sm.offsets  # document tokens only, in the same numbering as retention positions
     start_token = int(float(start) / 100.0 * max(len(offsets) - int(count), 0))
     text_html = views.highlighted_text(sm.text, offsets, held, start_token, int(count))
     where = sm.document.segments[int(sm.segment_of_chars(max(int(offsets[start_token]), 0)))].label if len(offsets) else ""

@@ -96,7 +96,7 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         window_bias=part.window_bias)
     if cascade_step.attention_sink is not None and cache_score is not None and name == "global":
         cascade_step.attention_sink.append((cache_score, part.cache.original_positions(layer).clone()))
-    part.cache.push(layer, part.plan, key, value, cache_score, chunk_score)
+    kernels.cascade_push(part.cache, layer, part.plan, key, value, cache_score, chunk_score)
     return out.transpose(1, 2), None
 
 

@@ -22,6 +22,7 @@ Block sizes are autotuned on CUDA; under TRITON_INTERPRET=1 (the CPU tests) one 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,8 +40,9 @@ def _configs(options, interpret=(16, 16)):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)])
-SCORE_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2)])
+# the last config of each list is small enough for head_dim 256 in fp32 (shared memory)
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)])
+SCORE_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)])
 # one query row (decode): BLOCK_M stays at tl.dot's minimum
 SCORE_DECODE_CONFIGS = _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 256, 8, 2)])
 DECODE_CONFIGS = _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 2, 3)])
@@ -48,7 +50,8 @@ DECODE_CONFIGS = _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 2, 3)])
 
 def _prune(configs, named_args, **kwargs):
     """Large head dims (Gemma's 256): drop the biggest tiles, they do not fit in shared memory."""
-    if INTERPRET or named_args["BLOCK_D"] <= 128:
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0))  # constexprs arrive as keyword arguments
+    if INTERPRET or block_d <= 128:
         return configs
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return kept or configs[-1:]
@@ -333,11 +336,16 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _decode_splits(slots: int, bk: int, device: torch.device) -> int:
     """How many key splits for decode: enough programs to fill the GPU, at least ~256 keys each."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(3, triton.cdiv(slots, 16)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(slots, 256), triton.cdiv(2 * sms, bk), 128))
 
 
