@@ -108,7 +108,7 @@ def read_document(file, pasted, model, policy, window, cascades, sinks, stride, 
         session = ReadingSession(loaded, config, stride=int(stride))
         total = documents.count_tokens(document, loaded.tokenizer)
     except UserError as e:
-        yield views.progress_html(0, None, 0, None, "error"), gr.skip(), gr.skip(), f"⚠️ {e}"
+        yield views.progress_html(0, None, 0, None, "error"), gr.skip(), gr.skip(), f"{e}"
         return
     events: queue.Queue = queue.Queue()
     last = [0.0]
@@ -144,13 +144,13 @@ def read_document(file, pasted, model, policy, window, cascades, sinks, stride, 
             st.retention = session.retention()
             done = (state[0], state[1], state[2], 0)
             yield (views.progress_html(*done, "done"), facts_markdown(session), views.retention_image(st.retention),
-                   "✅ Read. Ask a question in the Chat tab.")
+                   "Read. Ask a question in the Chat tab.")
             return
         elif kind == "cancelled":
-            yield views.progress_html(*state, "cancelled"), gr.skip(), gr.skip(), f"⏹️ Cancelled: {payload}"
+            yield views.progress_html(*state, "cancelled"), gr.skip(), gr.skip(), f"Cancelled: {payload}"
             return
         else:
-            yield views.progress_html(*state, "error"), gr.skip(), gr.skip(), f"⚠️ {payload}"
+            yield views.progress_html(*state, "error"), gr.skip(), gr.skip(), f"{payload}"
             return
 
 
@@ -168,7 +168,7 @@ def ask(message, history, mode, max_new_tokens, temperature, request: gr.Request
         return
     if st.session is None:
         history += [{"role": "user", "content": message},
-                    {"role": "assistant", "content": "⚠️ Read a document first (Document panel)."}]
+                    {"role": "assistant", "content": "Read a document first (Document panel)."}]
         yield history, ""
         return
     st.stop.clear()
@@ -179,7 +179,7 @@ def ask(message, history, mode, max_new_tokens, temperature, request: gr.Request
             history[-1]["content"] += delta
             yield history, ""
     except UserError as e:
-        history[-1]["content"] = f"⚠️ {e}"
+        history[-1]["content"] = f"{e}"
         yield history, ""
         return
     answer = st.session.answers[-1]
@@ -200,7 +200,7 @@ def export_chat(history, request: gr.Request):
 def summarize(mode, max_new_tokens, request: gr.Request):
     st = user(request)
     if st.session is None or st.session.document is None:
-        yield "⚠️ Read a document first."
+        yield "Read a document first."
         return
     st.stop.clear()
     if mode == "cache":
@@ -230,7 +230,7 @@ def summarize(mode, max_new_tokens, request: gr.Request):
                 final += ev["text"]
             yield render()
     except Cancelled:
-        yield render() + "\n\n⏹️ Cancelled."
+        yield render() + "\n\nCancelled."
     st.retention = st.session.retention()
 
 
@@ -258,14 +258,14 @@ def compare(policy_a, policy_b, question, window, cascades, sinks, stride, max_n
             request: gr.Request):
     st = user(request)
     if st.session is None:
-        yield "⚠️ Read a document first.", ""
+        yield "Read a document first.", ""
         return
     outs = ["", ""]
     for k, policy in enumerate((policy_a, policy_b)):
         try:
             config = make_config(policy, window, cascades, sinks)
         except UserError as e:
-            outs[k] = f"⚠️ {e}"
+            outs[k] = f"{e}"
             yield tuple(outs)
             continue
         session = ReadingSession(get_model(model), config, stride=int(stride))
@@ -274,7 +274,7 @@ def compare(policy_a, policy_b, question, window, cascades, sinks, stride, max_n
         try:
             session.read(st.session.document, should_stop=st.stop.is_set)
         except Cancelled:
-            outs[k] = "⏹️ Cancelled."
+            outs[k] = "Cancelled."
             yield tuple(outs)
             return
         text = ""
@@ -292,18 +292,18 @@ def compare(policy_a, policy_b, question, window, cascades, sinks, stride, max_n
 def save_snapshot(name, request: gr.Request):
     st = user(request)
     if st.session is None:
-        return "⚠️ Read a document first.", gr.update(choices=list_snapshots())
+        return "Read a document first.", gr.update(choices=list_snapshots())
     name = "".join(ch for ch in (name or "").strip() if ch.isalnum() or ch in "-_ ").strip().replace(" ", "_")
     if not name:
         name = "".join(ch for ch in st.session.document.title if ch.isalnum() or ch in "-_")[:40] or "document"
     st.session.save(snapshot_dir() / name)
-    return f"💾 Saved **{name}**.", gr.update(choices=list_snapshots(), value=name)
+    return f"Saved **{name}**.", gr.update(choices=list_snapshots(), value=name)
 
 
 def load_snapshot(name, model, request: gr.Request):
     st = user(request)
     if not name:
-        return "⚠️ Pick a snapshot.", gr.skip(), gr.skip()
+        return "Pick a snapshot.", gr.skip(), gr.skip()
     try:
         manifest = json.loads((snapshot_dir() / f"{name}.json").read_text())
         config = CacheConfig(**manifest["config"])
@@ -311,10 +311,10 @@ def load_snapshot(name, model, request: gr.Request):
         session = ReadingSession(get_model(spec), config, stride=manifest["stride"], prompt=manifest["prompt"])
         session.load(snapshot_dir() / name)
     except (UserError, OSError, KeyError, json.JSONDecodeError) as e:
-        return f"⚠️ Could not load {name}: {e}", gr.skip(), gr.skip()
+        return f"Could not load {name}: {e}", gr.skip(), gr.skip()
     st.session, st.history = session, []
     st.retention = session.retention()
-    return f"📂 Loaded **{name}**.", facts_markdown(session), views.retention_image(st.retention)
+    return f"Loaded **{name}**.", facts_markdown(session), views.retention_image(st.retention)
 
 
 # ------------------------------------------------------------------ layout
@@ -333,7 +333,7 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                 file = gr.File(label="PDF, EPUB, TXT, MD, SRT or VTT", file_types=list(documents.SUPPORTED),
                                elem_id="upload")
                 pasted = gr.Textbox(label="…or paste text", lines=3, elem_id="pasted")
-                with gr.Accordion("Settings", open=False):
+                with gr.Accordion("Cache settings", open=False, elem_id="settings"):
                     model = gr.Dropdown(MODEL_CHOICES if default_model in MODEL_CHOICES else [default_model, *MODEL_CHOICES],
                                         value=default_model, label="model", allow_custom_value=True)
                     policy = gr.Radio(["cascade", "sink", "full"], value=d.policy, label="cache policy")

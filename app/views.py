@@ -30,6 +30,7 @@ def retention_image(retention: dict, rows: str = "layer", layer: int = 0, bins: 
     """
     pos = retention["positions"]  # [layers, kv_heads, slots], -1 empty
     seen = max(int(retention["seen"]), 1)
+    bins = min(bins, seen)  # short documents: one column per token
     edges = np.linspace(0, seen, bins + 1)
     width_tokens = np.maximum(np.diff(edges), 1)
     if rows == "cascade":
@@ -103,7 +104,7 @@ def citations_markdown(citations) -> str:
     items = []
     for c in citations:
         label = c.label or f"token {c.token}"
-        items.append(f"<details><summary>📖 {html.escape(label)} ({100 * c.weight:.0f}%)</summary>"
+        items.append(f"<details><summary>{html.escape(label)} ({100 * c.weight:.0f}%)</summary>"
                      f"<blockquote>{html.escape(c.excerpt)}</blockquote></details>")
     return "\n\n**Sources**\n\n" + "\n".join(items)
 

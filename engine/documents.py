@@ -12,10 +12,10 @@ import hashlib
 import html
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -97,21 +97,35 @@ def _normalise(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+# C0/C1 control characters that never occur in real text (tab, newlines and form feed do), and U+FFFD
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f\ufffd]")
+
+
+def _checked(text: str, name: str) -> str:
+    """Refuse text that is really binary data (decoded bytes full of NULs, controls, replacements)."""
+    bad = len(_NOT_TEXT.findall(text))
+    if "\x00" in text or bad > max(8, len(text) // 100):
+        raise UserError(f"{name}: is not a text file (binary data)")
+    return _normalise(text)
+
+
 def decode_text(data: bytes, name: str) -> str:
     """Bytes to text: BOMs first, then UTF-8, then charset detection (Latin-1, cp1252, ...)."""
-    for bom, enc in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+    for bom, enc in _BOMS:
         if data.startswith(bom):
-            return _normalise(data.decode(enc, errors="replace"))
+            return _checked(data.decode(enc, errors="replace"), name)
     if b"\x00" in data[:4096]:
-        # UTF-16 without a BOM shows up as every other byte zero; anything else with NULs is binary
+        # UTF-16 without a BOM: every other byte is zero (ASCII-range text), the others are not
         even, odd = data[0:4096:2], data[1:4096:2]
-        if odd.count(0) > 0.4 * len(odd):
-            return _normalise(data.decode("utf-16-le", errors="replace"))
-        if even.count(0) > 0.4 * len(even):
-            return _normalise(data.decode("utf-16-be", errors="replace"))
+        if odd.count(0) > 0.4 * len(odd) and even.count(0) < 0.05 * len(even):
+            return _checked(data.decode("utf-16-le", errors="replace"), name)
+        if even.count(0) > 0.4 * len(even) and odd.count(0) < 0.05 * len(odd):
+            return _checked(data.decode("utf-16-be", errors="replace"), name)
         raise UserError(f"{name}: is not a text file (binary data)")
     try:
-        return _normalise(data.decode("utf-8"))
+        return _checked(data.decode("utf-8"), name)
     except UnicodeDecodeError:
         pass
     from charset_normalizer import from_bytes
@@ -125,7 +139,7 @@ def decode_text(data: bytes, name: str) -> str:
     western = next((m for m in matches if m.encoding == "cp1252"), None)
     if western is not None and western.chaos <= best.chaos + 0.2:
         best = western
-    return _normalise(str(best))
+    return _checked(str(best), name)
 
 
 def _plain(p: Path, data: bytes):
@@ -133,16 +147,28 @@ def _plain(p: Path, data: bytes):
     kind = "md" if p.suffix.lower() in (".md", ".markdown") else "txt"
     title = ""
     if kind == "md":
-        m = re.search(r"^#\s+(.+)$", text, flags=re.M)
+        m = re.search(r"^#\s+(.+)$", text, flags=re.MULTILINE)
         title = m.group(1).strip() if m else ""
     return kind, title, [Segment(text, "")]
+
+
+def _page_ranges(pages: list[int]) -> str:
+    """[2, 3, 4, 7] -> "2-4, 7"."""
+    out, i = [], 0
+    while i < len(pages):
+        j = i
+        while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
+            j += 1
+        out.append(str(pages[i]) if i == j else f"{pages[i]}-{pages[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def _pdf(p: Path, data: bytes):
     import pymupdf
 
     name = str(p)
-    if not data.startswith(b"%PDF"):
+    if b"%PDF-" not in data[:1024]:  # the header may follow a little junk, but not much
         raise UserError(f"{name}: is corrupt or not a PDF (no PDF header)")
     try:
         doc = pymupdf.open(stream=data, filetype="pdf")
@@ -152,82 +178,133 @@ def _pdf(p: Path, data: bytes):
         if doc.needs_pass:
             raise UserError(f"{name}: is encrypted (password-protected); decrypt it first")
         if doc.page_count == 0:
-            raise UserError(f"{name}: is corrupt or has no pages")
+            raise UserError(f"{name}: is corrupt or not a PDF (no pages)")
         segments = []
         try:
             for i, page in enumerate(doc):
                 segments.append(Segment(_normalise(page.get_text("text")).strip(), f"p. {i + 1}", {"page": i + 1}))
         except Exception:
             raise UserError(f"{name}: is corrupt (page {len(segments) + 1} cannot be read)") from None
-        title = (doc.metadata or {}).get("title") or ""
+        repaired = doc.is_repaired
+        empty = [s.meta["page"] for s in segments if not s.text]
+        if repaired and empty and len(empty) < len(segments):
+            # MuPDF rebuilt a broken file (typically cut short); pages it lost come back blank, and
+            # reading on without them would be a silent truncation
+            raise UserError(f"{name}: is corrupt or truncated (pages {_page_ranges(empty)} of {len(segments)} "
+                            "cannot be read)")
+        try:
+            title = ((doc.metadata or {}).get("title") or "").strip()
+        except Exception:
+            title = ""
     if not any(s.text for s in segments):
+        if repaired:
+            raise UserError(f"{name}: is corrupt or not a PDF (no readable text)")
         raise UserError(f"{name}: has no text layer (scanned?); OCR it first")
     return "pdf", title, segments
 
 
 class _HTMLText(HTMLParser):
-    """Visible text of an XHTML chapter, with block elements as line breaks."""
+    """Visible text of an XHTML chapter: HTML whitespace rules, block elements as paragraph breaks."""
 
-    BLOCKS = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "blockquote"}
+    BLOCKS = frozenset({"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "blockquote",
+                        "pre", "article", "aside", "header", "footer", "figure", "figcaption", "dt", "dd", "table",
+                        "hr"})
+    HIDDEN = frozenset({"script", "style", "head", "title", "svg"})
+    HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self.heading: str | None = None
         self._in_heading = False
-        self._skip = 0
+        self._hidden = 0
+        self._pre = 0
 
     def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style", "head"):
-            self._skip += 1
+        if tag in self.HIDDEN:
+            self._hidden += 1
+        if tag == "pre":
+            self._pre += 1
         if tag in self.BLOCKS:
             self.parts.append("\n")
-        if tag in ("h1", "h2", "h3") and self.heading is None:
+        if tag in self.HEADINGS and self.heading is None:
             self._in_heading, self.heading = True, ""
 
+    def handle_startendtag(self, tag, attrs):
+        if tag in self.BLOCKS:  # <br/>, <hr/>
+            self.parts.append("\n")
+
     def handle_endtag(self, tag):
-        if tag in ("script", "style", "head"):
-            self._skip = max(0, self._skip - 1)
+        if tag in self.HIDDEN:
+            self._hidden = max(0, self._hidden - 1)
+        if tag == "pre":
+            self._pre = max(0, self._pre - 1)
         if tag in self.BLOCKS:
             self.parts.append("\n")
-        if tag in ("h1", "h2", "h3"):
+        if tag in self.HEADINGS:
             self._in_heading = False
 
     def handle_data(self, data):
-        if self._skip:
+        if self._hidden:
             return
-        self.parts.append(data)
+        if not self._pre:
+            data = re.sub(r"[ \t\n\r\f]+", " ", data)  # source line wraps are spaces in HTML
+        self.parts.append(data.replace("\u00a0", " "))
         if self._in_heading:
             self.heading += data
 
     def text(self) -> str:
-        text = html.unescape("".join(self.parts))
-        text = re.sub(r"[ \t\u00a0]+", " ", text)
-        return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+        lines = [line.strip() for line in "".join(self.parts).split("\n")]
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _epub_drm(p: Path) -> bool:
+    """True where META-INF/encryption.xml encrypts content documents (DRM), not just fonts."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as zf:
+            if "META-INF/encryption.xml" not in zf.namelist():
+                return False
+            xml = zf.read("META-INF/encryption.xml").decode("utf-8", errors="replace")
+    except Exception:
+        return False  # not a zip at all: ebooklib will say so
+    uris = re.findall(r"<(?:\w+:)?CipherReference[^>]*URI\s*=\s*[\"']([^\"']+)", xml)
+    return any(u.lower().endswith((".xhtml", ".html", ".htm", ".xml")) for u in uris)
 
 
 def _epub(p: Path, data: bytes):
+    import warnings
+    from urllib.parse import unquote
+
     import ebooklib
     from ebooklib import epub
 
     name = str(p)
+    if _epub_drm(p):
+        raise UserError(f"{name}: is encrypted (DRM-protected EPUB); it cannot be read")
     try:
-        book = epub.read_epub(str(p), options={"ignore_ncx": True})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            book = epub.read_epub(str(p), options={"ignore_ncx": True})
     except Exception:
         raise UserError(f"{name}: is corrupt or not an EPUB") from None
-    toc_titles = {}
+    toc_titles: dict[str, str] = {}
+
+    def remember(href, title):
+        if href and title and title.strip():
+            toc_titles.setdefault(unquote(href.split("#")[0]), " ".join(title.split()))
 
     def walk(items):
         for it in items:
-            if isinstance(it, tuple):
-                section, children = it
-                if getattr(section, "href", None):
-                    toc_titles.setdefault(section.href.split("#")[0], section.title)
+            if isinstance(it, (tuple, list)):
+                section, children = it[0], it[1] if len(it) > 1 else []
+                remember(getattr(section, "href", None), getattr(section, "title", None))
                 walk(children)
-            elif getattr(it, "href", None):
-                toc_titles.setdefault(it.href.split("#")[0], it.title)
+            else:
+                remember(getattr(it, "href", None), getattr(it, "title", None))
 
-    walk(book.toc)
+    walk(book.toc or [])
     segments = []
     for idref, _ in book.spine:
         item = book.get_item_with_id(idref)
@@ -236,29 +313,37 @@ def _epub(p: Path, data: bytes):
         parser = _HTMLText()
         try:
             parser.feed(item.get_content().decode("utf-8", errors="replace"))
+            parser.close()
         except Exception:
             raise UserError(f"{name}: chapter {item.get_name()} is corrupt") from None
         text = parser.text()
         if not text:
             continue
         k = len(segments) + 1
-        title = (toc_titles.get(item.get_name()) or (parser.heading or "").strip() or f"chapter {k}")
+        title = (toc_titles.get(unquote(item.get_name())) or " ".join((parser.heading or "").split())
+                 or f"chapter {k}")
         segments.append(Segment(text, f"ch. {k}: {title}", {"chapter": k, "title": title}))
     meta = book.get_metadata("DC", "title")
-    title = meta[0][0] if meta else ""
+    title = (meta[0][0] or "").strip() if meta else ""
     return "epub", title, segments
 
 
-_SPEAKER = re.compile(r"^\s*(?:-\s*)?([A-Z][\w .'-]{0,30}):\s+(.*)$", re.S)
+# "Alice: ...", "- DR. LEE: ...", ">> Speaker 2: ...": one to three capitalised words (or numbers) and a colon
+_WORD = r"(?:[A-Z][\w.'-]*|\d+)"
+_SPEAKER = re.compile(rf"^\s*(?:-|>>)?\s*([A-Z][\w.'-]*(?: {_WORD}){{0,2}}):\s+(.*)$", re.DOTALL)
+_TAGS = re.compile(r"<[^>]*>|\{\\[^}]*\}")  # HTML-like cue tags and ASS overrides such as {\an8}
 
 
-def _cue(start: str, end: str, text: str, speaker: str | None) -> Segment:
-    text = re.sub(r"<[^>]+>", "", text).strip()
+def _cue(start: str, end: str, text: str, speaker: str | None) -> Segment | None:
+    start, end = start.replace(",", "."), end.replace(",", ".")  # SRT writes 00:01:02,500
+    text = html.unescape(_TAGS.sub("", text)).strip()
     if speaker is None:
         m = _SPEAKER.match(text)
         if m:
             speaker, text = m.group(1).strip(), m.group(2).strip()
-    stamp = start.split(".")[0].split(",")[0]
+    if not text:
+        return None  # a cue with only tags or sound-effect markup: no text to read
+    stamp = start.split(".")[0]
     label = f"{stamp} {speaker}" if speaker else stamp
     prefix = f"[{stamp}] {speaker}: " if speaker else f"[{stamp}] "
     return Segment(prefix + " ".join(text.split()), label, {"start": start, "end": end, "speaker": speaker})
@@ -274,7 +359,8 @@ def _srt(p: Path, data: bytes):
         raise UserError(f"{p}: is not a valid SRT file") from None
     if not len(subs):
         raise UserError(f"{p}: has no subtitle cues")
-    return "srt", "", [_cue(str(s.start), str(s.end), s.text, None) for s in subs]
+    cues = (_cue(str(s.start), str(s.end), s.text, None) for s in subs)
+    return "srt", "", [c for c in cues if c is not None]
 
 
 def _vtt(p: Path, data: bytes):
@@ -293,25 +379,32 @@ def _vtt(p: Path, data: bytes):
     segments = []
     for c in cues:
         raw = c.raw_text if hasattr(c, "raw_text") else c.text
-        voice = re.search(r"<v(?:\.[\w.]+)?\s+([^>]+)>", raw)
+        voice = re.search(r"<v(?:\.[\w.-]+)*\s+([^>]+)>", raw)
         segments.append(_cue(c.start, c.end, raw, voice.group(1).strip() if voice else None))
-    return "vtt", "", segments
+    return "vtt", "", [c for c in segments if c is not None]
 
 
 # ------------------------------------------------------------------ tokens and where they came from
 
 class SourceMap:
-    """token index -> char offset in Document.text -> segment (page / chapter / timestamp)."""
+    """token index -> char offset in Document.text -> segment (page / chapter / timestamp).
+
+    Offsets are int64, one per token, in reading order; tokens that are not document text (a
+    prompt prefix) have offset -1, locate to segment -1 and label "".
+    """
 
     def __init__(self, document: Document):
         self.document = document
         self._starts = np.asarray(document.segment_starts(), dtype=np.int64)
         self._chunks: list[np.ndarray] = []
         self._offsets: np.ndarray | None = np.zeros(0, dtype=np.int64)
+        self._count = 0
         self._text: str | None = None
 
     def append(self, char_offsets) -> None:
-        self._chunks.append(np.asarray(char_offsets, dtype=np.int64))
+        chunk = np.asarray(char_offsets, dtype=np.int64).reshape(-1)
+        self._chunks.append(chunk)
+        self._count += len(chunk)
         self._offsets = None
 
     @property
@@ -323,19 +416,22 @@ class SourceMap:
         return self._offsets
 
     def __len__(self) -> int:
-        return int(sum(len(c) for c in self._chunks)) if self._offsets is None else len(self._offsets)
+        return self._count
 
-    def char_offset(self, token: int) -> int:
-        return int(self.offsets[token])
+    def char_offset(self, token_index: int) -> int:
+        return int(self.offsets[token_index])
 
     def segment_of_chars(self, chars) -> np.ndarray:
+        """Segment index of char offsets (offsets before the text count as segment 0)."""
         return np.maximum(np.searchsorted(self._starts, chars, side="right") - 1, 0)
 
-    def locate(self, token: int) -> dict:
-        c = self.char_offset(token)
-        k = int(self.segment_of_chars(max(c, 0)))
+    def locate(self, token_index: int) -> dict:
+        c = self.char_offset(token_index)
+        if c < 0:
+            return {"token": int(token_index), "char": c, "segment": -1, "label": ""}
+        k = int(self.segment_of_chars(c))
         seg = self.document.segments[k]
-        return {"token": int(token), "char": c, "segment": k, "label": seg.label, **seg.meta}
+        return {"token": int(token_index), "char": c, "segment": k, "label": seg.label, **seg.meta}
 
     @property
     def text(self) -> str:
@@ -343,53 +439,80 @@ class SourceMap:
             self._text = self.document.text
         return self._text
 
-    def excerpt(self, token: int, radius_chars: int = 120) -> str:
-        c = max(self.char_offset(token), 0)
+    def excerpt(self, token_index: int, radius_chars: int = 120) -> str:
+        """The document text around a token, whitespace collapsed, with ellipses where cut."""
+        c = self.char_offset(token_index)
+        if c < 0:
+            return ""
         a, b = max(0, c - radius_chars), min(len(self.text), c + radius_chars)
         return ("…" if a else "") + " ".join(self.text[a:b].split()) + ("…" if b < len(self.text) else "")
 
-    def labels_for(self, tokens) -> list[str]:
-        chars = self.offsets[np.asarray(tokens, dtype=np.int64)]
-        return [self.document.segments[k].label for k in self.segment_of_chars(np.maximum(chars, 0))]
+    def labels_for(self, token_indices) -> list[str]:
+        chars = self.offsets[np.asarray(token_indices, dtype=np.int64).reshape(-1)]
+        segs = self.segment_of_chars(chars)
+        labels = [s.label for s in self.document.segments]
+        return [labels[k] if c >= 0 else "" for k, c in zip(segs.tolist(), chars.tolist())]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"offsets": self.offsets}
 
     @classmethod
-    def from_arrays(cls, document: Document, arrays: dict) -> "SourceMap":
+    def from_arrays(cls, document: Document, arrays: dict) -> SourceMap:
+        offsets = np.asarray(arrays["offsets"], dtype=np.int64).reshape(-1)
+        if len(offsets) and (offsets.min() < -1 or offsets.max() >= max(len(document.text), 1)):
+            raise UserError(f"{document.title}: the saved source map does not fit the document")
         sm = cls(document)
-        sm.append(arrays["offsets"])
+        sm.append(offsets)
         return sm
 
 
 def _pieces(text: str, piece_chars: int) -> Iterator[tuple[int, str]]:
-    """Cut text near every piece_chars at whitespace, so no word is split: (start, piece)."""
+    """Cut text near every piece_chars, at the start of a whitespace run, so no word is split.
+
+    The whitespace opens the next piece, where a BPE tokenizer expects it (" word"), so streamed
+    tokens match whole-text tokenization except, rarely, right at a cut. Text with no whitespace
+    in the second half of a piece (CJK, say) is cut at piece_chars.
+    """
     at, n = 0, len(text)
+    piece_chars = max(int(piece_chars), 2)
     while at < n:
         end = min(n, at + piece_chars)
         if end < n:
-            cut = max(text.rfind("\n", at + piece_chars // 2, end), text.rfind(" ", at + piece_chars // 2, end))
+            lo = at + piece_chars // 2
+            cut = max(text.rfind(" ", lo, end), text.rfind("\n", lo, end), text.rfind("\t", lo, end))
             if cut > at:
-                end = cut  # the whitespace starts the next piece, where the tokenizer expects it
+                while cut - 1 > at and text[cut - 1].isspace():  # back to the start of the run
+                    cut -= 1
+                end = cut
         yield at, text[at:end]
         at = end
 
 
 def tokenize_stream(document: Document, tokenizer, piece_chars: int = 20000, prefix: str = "",
                     source_map: SourceMap | None = None) -> Iterator[list[int]]:
-    """Yield token ids piece by piece (never the whole document at once), recording char offsets."""
+    """Yield token ids piece by piece (never the whole document at once), recording char offsets.
+
+    `prefix` is tokenized first (its tokens get offset -1). With a `source_map`, every token's char
+    offset in document.text is appended to it; that needs a fast (Rust) tokenizer.
+    """
+    if source_map is not None and not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
+                        "token offsets (citations) need one")
     if prefix:
-        ids = tokenizer(prefix, add_special_tokens=False).input_ids
+        ids = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
         if source_map is not None:
             source_map.append(np.full(len(ids), -1, dtype=np.int64))
         yield ids
     text = document.text
     for start, piece in _pieces(text, piece_chars):
         enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=source_map is not None)
+        ids = list(enc["input_ids"])
         if source_map is not None:
-            source_map.append(start + np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64))
-        yield enc["input_ids"]
+            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
+            source_map.append(start + offsets)
+        yield ids
 
 
 def count_tokens(document: Document, tokenizer, piece_chars: int = 20000) -> int:
+    """Exact number of tokens tokenize_stream yields for the document (without a prefix)."""
     return sum(len(ids) for ids in tokenize_stream(document, tokenizer, piece_chars))

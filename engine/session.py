@@ -148,6 +148,8 @@ class ReadingSession:
             answer.citations = self._citations(attention, n_citations)
 
     def _citations(self, attention, k) -> list[Citation]:
+        if k <= 0:
+            return []
         """Document tokens that the answer attended to most, mapped to their source passages.
 
         `attention` holds, per generated token and layer, the score sums over the resident slots
@@ -167,9 +169,10 @@ class ReadingSession:
         norm = sum(total.values())
         picked: list[Citation] = []
         for d in sorted(total, key=total.get, reverse=True):
-            if any(abs(d - c.token) < 48 for c in picked):  # one citation per passage
-                continue
             loc = self.source_map.locate(d)
+            # one citation per passage: nearby tokens of the same page / chapter / cue count once
+            if any(abs(d - c.token) < 48 and c.location.get("segment") == loc["segment"] for c in picked):
+                continue
             picked.append(Citation(d, total[d] / norm, loc.get("label", ""), self.source_map.excerpt(d), loc))
             if len(picked) == k:
                 break
