@@ -30,6 +30,7 @@ class CacheConfig:
     cascades: int = 4
     beta: float = 0.9999  # EMA factor of attention scores, per query
     head_reduce: str = "max"  # how the query heads of a GQA group combine into one KV-head score
+    rope: str = "cache"  # RoPE at positions inside the cache, or "original" stream positions (ablation)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -45,6 +46,8 @@ class CacheConfig:
                 raise UserError(f"window ({self.window}) must be divisible by cascades ({self.cascades})")
         if not 0.0 < self.beta <= 1.0:
             raise UserError(f"beta must be in (0, 1], not {self.beta}")
+        if self.rope not in ("cache", "original"):
+            raise UserError(f"rope must be 'cache' or 'original', not '{self.rope}'")
         if self.head_reduce not in ("max", "mean"):
             raise UserError(f"head_reduce must be 'max' or 'mean', not '{self.head_reduce}'")
 

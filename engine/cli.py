@@ -29,6 +29,8 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, default=d.sinks)
     p.add_argument("--beta", type=float, default=d.beta, help="EMA factor of attention scores")
     p.add_argument("--stride", type=int, default=512, help="tokens per chunk while reading")
+    p.add_argument("--rope", choices=["cache", "original"], default=d.rope,
+                   help="RoPE positions: inside the cache (default) or original stream positions (ablation)")
     p.add_argument("--prompt", choices=["chat", "plain"], default=None,
                    help="prompt format (default: chat if the model has a chat template)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -39,7 +41,7 @@ def cache_config(args):
     from .cache import CacheConfig
 
     return CacheConfig(policy=args.policy, sinks=args.sinks, window=args.window, cascades=args.cascades,
-                       beta=args.beta)
+                       beta=args.beta, rope=args.rope)
 
 
 def load(args, say):

@@ -32,6 +32,8 @@ class RopeTable:
     layer_type selects the rotary of one kind of layer where a model has several (Gemma-3).
     """
 
+    MAX_TABLE = 1 << 16
+
     def __init__(self, rotary: torch.nn.Module, device, dtype, layer_type: str | None = None):
         self.rotary, self.device, self.dtype, self.layer_type = rotary, device, dtype, layer_type
         self.cos = self.sin = None
@@ -46,8 +48,15 @@ class RopeTable:
         self.cos, self.sin = (cos[0] / scale).to(self.dtype), (sin[0] / scale).to(self.dtype)
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [n] -> cos, sin: [n, head_dim]"""
+        """positions: any shape [...] -> cos, sin: [..., head_dim]"""
         need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.MAX_TABLE:  # far positions (rope="original" on a long book): compute, don't tabulate
+            extra = (self.layer_type,) if self.layer_type else ()
+            dummy = torch.zeros(1, dtype=torch.float32, device=self.device)
+            cos, sin = self.rotary(dummy, positions.reshape(1, -1), *extra)
+            scale = self.rotary(dummy, torch.zeros(1, 1, dtype=torch.long, device=self.device), *extra)[0][0, 0, 0]
+            shape = (*positions.shape, cos.shape[-1])
+            return (cos[0] / scale).to(self.dtype).view(shape), (sin[0] / scale).to(self.dtype).view(shape)
         if need > self.cos.shape[0]:
             self._build(max(need, 2 * self.cos.shape[0]))
         return self.cos[positions], self.sin[positions]
@@ -65,6 +74,7 @@ class PartStep:
     chunk_sin: torch.Tensor
     weights: torch.Tensor | None  # [L] EMA weights of queries; None when the part is unscored
     bias: torch.Tensor | None = None  # additive mask over slots, built by the part's first layer
+    rope: "RopeTable | None" = None  # set for rope="original": cache keys rotate at their stream positions
     window_bias: torch.Tensor | None = None  # [L, slots + L] for sliding-window parts
 
 
@@ -85,7 +95,11 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     name, layer = cascade_step.cache.part_of(module.layer_idx)
     part = cascade_step.parts[name]
     k_res, v_res = part.cache.resident(layer)  # [batch, kv_heads, slots, head_dim], un-rotated
-    k_res = kernels.rope(k_res, part.cache_cos, part.cache_sin)
+    if part.rope is not None:  # ablation: each slot at its original stream position, per KV head
+        cos, sin = part.rope(part.cache.original_positions(layer).clamp(min=0))  # [batch, kv_heads, slots, hd]
+        k_res = kernels.rope(k_res, cos, sin)
+    else:
+        k_res = kernels.rope(k_res, part.cache_cos, part.cache_sin)
     q = kernels.rope(query, part.chunk_cos, part.chunk_sin)
     k_new = kernels.rope(key, part.chunk_cos, part.chunk_sin)
     if part.bias is None and part.weights is not None:
@@ -164,7 +178,10 @@ class Engine:
             plan = part.plan(length)
             rope = self.rope[name]
             weights = query_weights(length, self.config.beta, self.device) if part.scored and name == "global" else None
-            step = PartStep(part, plan, *rope(plan.cache_pos), *rope(plan.chunk_pos), weights)
+            original = self.config.rope == "original" and name == "global"
+            chunk_pos = plan.original_pos if original else plan.chunk_pos
+            step = PartStep(part, plan, *rope(plan.cache_pos), *rope(chunk_pos), weights,
+                            rope=rope if original else None)
             if name == "sliding":
                 step.window_bias = window_bias(plan.cache_pos, plan.cache_valid, plan.chunk_pos, cache.sliding_window)
             parts[name] = step

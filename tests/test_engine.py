@@ -100,6 +100,11 @@ def test_rope_at_cache_positions_matches_model_rotation(tiny_llama):
     want, _ = apply_rotary_pos_emb(x, x, cos, sin)
     c, s = engine.rope["global"](pos)
     assert torch.allclose(apply_rope(x, c, s), want, atol=1e-5)
+    far = pos + 100_000  # beyond the table: computed on the fly (rope="original" on a long book)
+    cos, sin = tiny_llama.model.model.rotary_emb(x, far[None])
+    want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    c, s = engine.rope["global"](far)
+    assert torch.allclose(apply_rope(x, c, s), want, atol=1e-4)
 
 
 def test_generation_is_deterministic_and_leaves_snapshot_intact(tiny_llama):
@@ -150,3 +155,16 @@ def test_memory_is_independent_of_length(tiny_llama):
 def test_bad_stride_is_a_user_error(tiny_llama):
     with pytest.raises(UserError, match="stride"):
         Engine(tiny_llama, CacheConfig(), stride=0)
+
+
+def test_rope_original_ablation(tiny_llama):
+    ids = torch.randint(0, 257, (400,), generator=torch.Generator().manual_seed(6)).tolist()
+    # nothing evicted: original positions == in-cache positions, so both modes equal the plain model
+    fit = Engine(tiny_llama, CacheConfig(sinks=4, window=400, cascades=4, rope="original"), stride=64)
+    got, _ = read_logits(fit, ids, 64)
+    assert torch.allclose(got, reference_logits(tiny_llama, ids), atol=1e-4)
+    # after evictions the two modes rotate keys differently, so their logits differ
+    small = dict(sinks=4, window=32, cascades=4)
+    a, ca = read_logits(Engine(tiny_llama, CacheConfig(**small), stride=64), ids, 64)
+    b, cb = read_logits(Engine(tiny_llama, CacheConfig(**small, rope="original"), stride=64), ids, 64)
+    assert torch.allclose(a[:, :36], b[:, :36], atol=1e-4) and not torch.allclose(a[:, -64:], b[:, -64:], atol=1e-3)
