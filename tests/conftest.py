@@ -1,6 +1,12 @@
 import os
 import sys
 
+# Triton decides at import time whether `@triton.jit` (its own tl.sum/tl.max helpers included) makes
+# interpreted or compiled functions, and transformers/torch may import Triton long before
+# test_kernels.py runs. Setting it here, before anything is imported, lets the kernel tests run the
+# kernels on the CPU whatever the test order. On a GPU machine set TRITON_INTERPRET=0 to test compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers (push_oracle) import as top-level modules
 
 import pytest

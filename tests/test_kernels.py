@@ -1,18 +1,14 @@
 """Triton kernels against the torch reference, run by Triton's interpreter on CPU (small shapes).
 
-TRITON_INTERPRET must be set before the kernel modules are first imported (triton.jit picks the
-interpreter at decoration time); the engine imports them lazily, so setting it here is enough.
+TRITON_INTERPRET must be set before Triton is first imported (triton.jit picks the interpreter at
+decoration time, for Triton's own tl.* helpers too); conftest.py sets it before any test module loads.
 """
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined (and while they run): kernels on the CPU
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from engine.attention import chunk_attention as reference  # noqa: E402
-from engine.attention import query_weights, window_bias  # noqa: E402
+from engine.attention import chunk_attention as reference
+from engine.attention import query_weights, window_bias
 
 triton_attention = pytest.importorskip("engine.kernels.triton_attention")
 triton_push = pytest.importorskip("engine.kernels.triton_push")
