@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import threading
 
-from .ui import ASSETS, build_app
+import gradio as gr
+
+from engine.errors import UserError
+
+from .ui import ASSETS, build_app, css, get_model
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="launch.py", description="Start the Cascade Reader web UI")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--model", default="smollm2", help="smollm2 (default), gemma3, a model folder, a .gguf file or a hub id")
-    p.add_argument("--share", action="store_true", help="create a public Gradio link (off by default)")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default), gemma3, a model folder, a .gguf file or a hub id")
+    p.add_argument("--share", action="store_true", help="also create a public Gradio link (off by default)")
     args = p.parse_args(argv)
+
+    def preload():  # so the first reader does not wait for the model; errors show up when reading
+        try:
+            get_model(args.model)
+        except UserError as e:
+            print(f"launch.py: {e}", file=sys.stderr)
+
+    threading.Thread(target=preload, name="preload-model", daemon=True).start()
     demo = build_app(args.model)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(ASSETS)],
-                css=demo.css_text, show_error=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                allowed_paths=[str(ASSETS)], css=css(), theme=gr.themes.Soft(primary_hue="blue"),
+                footer_links=["gradio"], favicon_path=str(ASSETS / "icon.svg"))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,38 @@
-"""Pure rendering: engine results -> HTML, Markdown and images for the UI. No model logic here."""
+"""Pure rendering: engine results -> HTML, Markdown and images for the UI. No model logic here.
+
+Everything here is cheap on purpose: the retention map is drawn with numpy + Pillow (a few ms for a
+30-layer model) and shipped inline as a data-URI PNG, so live updates while reading write no files.
+"""
 
 from __future__ import annotations
 
+import base64
 import html
+import io
+import json
+import time
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-# a small sequential colour map (light -> deep blue), index 0 = nothing held
-_RAMP = np.array([[246, 247, 251], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]], dtype=np.float32)
+# a sequential colour ramp (paper white -> deep blue); index 0 = nothing held
+_RAMP = np.array([[250, 250, 252], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]],
+                 dtype=np.float32)
+_UNREAD = np.array([236, 236, 240], dtype=np.uint8)
+_FONTS: dict = {}
+
+
+def _font(size: int = 12):
+    if size not in _FONTS:
+        try:
+            _FONTS[size] = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: bitmap font, no size
+            _FONTS[size] = ImageFont.load_default()
+    return _FONTS[size]
 
 
 def _colour(values: np.ndarray) -> np.ndarray:
-    """values in [0, 1] -> RGB uint8, 0 mapped to the background colour."""
+    """values in [0, 1] -> RGB uint8; exactly 0 maps to the background colour."""
     x = np.clip(values, 0, 1) * (len(_RAMP) - 1)
     lo = np.floor(x).astype(int)
     hi = np.minimum(lo + 1, len(_RAMP) - 1)
@@ -22,60 +42,139 @@ def _colour(values: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def retention_image(retention: dict, rows: str = "layer", layer: int = 0, bins: int = 240,
-                    width: int = 960, row_height: int = 8) -> Image.Image:
-    """Map over the document: x = position in the document, y = layer (or cascade of one layer).
+def retention_grid(retention: dict, rows: str = "layer", layer: int = 0, bins: int = 240,
+                   total: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """[rows, bins] share of each stretch of the document that the cache holds (mean over KV heads).
 
-    A cell's colour is the share of that stretch of document tokens that the cache still holds.
+    x spans `total` document tokens (defaults to the tokens seen so far), so a map drawn while
+    reading fills from left to right. rows="layer": one row per layer; rows="cascade": one row per
+    part (sinks, cascade 0, 1, ...) of one layer.
     """
-    pos = retention["positions"]  # [layers, kv_heads, slots], -1 empty
+    pos = np.asarray(retention["positions"])  # [layers, kv_heads, slots], -1 empty / prompt
     seen = max(int(retention["seen"]), 1)
-    bins = min(bins, seen)  # short documents: one column per token
-    edges = np.linspace(0, seen, bins + 1)
-    width_tokens = np.maximum(np.diff(edges), 1)
+    total = max(int(total or seen), seen, 1)
+    heads = pos.shape[1]
+    per_bin = total / bins
     if rows == "cascade":
+        layer = int(min(max(layer, 0), len(pos) - 1))
         cascade = retention.get("cascade")
-        p = pos[min(layer, len(pos) - 1)]
-        labels = sorted(set(cascade.tolist())) if cascade is not None else [0]
+        p = pos[layer]
+        if cascade is None:
+            parts, names = [p], ["all slots"]
+        else:
+            ids = sorted(set(np.asarray(cascade).tolist()))
+            parts = [p[:, cascade == c] for c in ids]
+            names = ["sinks" if c < 0 else f"cascade {c}" for c in ids]
         grid = []
-        for c in labels:
-            held = p[:, cascade == c] if cascade is not None else p
-            held = np.unique(held[held >= 0])
-            grid.append(np.histogram(held, bins=edges)[0] / width_tokens)
+        for q in parts:
+            q = q[q >= 0]
+            grid.append(np.bincount(np.minimum((q / per_bin).astype(np.int64), bins - 1), minlength=bins)[:bins])
+        grid = np.asarray(grid, dtype=np.float64)
     else:
-        grid = []
-        for p in pos:
-            held = np.unique(p[p >= 0])  # a token counts once even if several heads hold it
-            grid.append(np.histogram(held, bins=edges)[0] / width_tokens)
-    grid = np.asarray(grid)
-    img = _colour(np.sqrt(grid))  # sqrt: sparse old cascades stay visible
-    img = np.repeat(np.repeat(img, row_height, axis=0), max(1, width // bins), axis=1)
-    return Image.fromarray(img)
+        valid = pos >= 0
+        row = np.broadcast_to(np.arange(len(pos))[:, None, None], pos.shape)[valid]
+        col = np.minimum((pos[valid] / per_bin).astype(np.int64), bins - 1)
+        grid = np.bincount(row * bins + col, minlength=len(pos) * bins)[: len(pos) * bins]
+        grid = grid.reshape(len(pos), bins).astype(np.float64)
+        layers = retention.get("layers") or list(range(len(pos)))
+        names = [f"layer {l}" for l in layers]
+    grid /= heads * max(per_bin, 1.0)
+    return np.clip(grid, 0, 1), names
+
+
+def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: int | None = None,
+                  tick_labels: list[str] | None = None, width: int = 820, ticks: int = 5) -> bytes:
+    """The retention map as PNG bytes, with row labels on the left and document positions below."""
+    seen = max(int(retention["seen"]), 1)
+    total = max(int(total or seen), seen, 1)
+    bins = int(min(240, total))  # a bin never covers less than one token
+    grid, names = retention_grid(retention, rows, layer, bins, total)
+    n = len(names)
+    row_h = max(4, min(30, 210 // max(n, 1)))
+    font = _font(13 if width < 600 else 15)
+    label_w = max(int(font.getlength(name)) for name in names) if names else 40
+    left, right, top, bottom = label_w + 12, 10, 6, 22
+    plot_w = width - left - right
+    img = _colour(np.sqrt(grid))  # sqrt keeps sparse old cascades visible
+    unread = int(np.ceil(bins * seen / total))
+    img[:, unread:] = _UNREAD
+    cell = Image.fromarray(img).resize((plot_w, n * row_h), Image.NEAREST)
+    canvas = Image.new("RGB", (width, top + n * row_h + bottom), (255, 255, 255))
+    canvas.paste(cell, (left, top))
+    d = ImageDraw.Draw(canvas)
+    step = max(1, int(np.ceil(font.size * 1.2 / row_h)) if hasattr(font, "size") else int(np.ceil(14 / row_h)))
+    for i, name in enumerate(names):
+        if (i % step == 0 and n - 1 - i >= step) or i == n - 1:
+            d.text((left - 6, top + i * row_h + row_h / 2), name, fill=(60, 60, 70), font=font, anchor="rm")
+    y0 = top + n * row_h
+    d.rectangle([left, top, left + plot_w - 1, y0 - 1], outline=(200, 200, 210))
+    for k in range(ticks):
+        frac = k / (ticks - 1)
+        x = left + frac * (plot_w - 1)
+        d.line([(x, y0), (x, y0 + 4)], fill=(120, 120, 130))
+        label = f"{round(frac * total):,}"
+        if tick_labels and k < len(tick_labels) and tick_labels[k]:
+            label += f" · {tick_labels[k]}"
+        anchor = "la" if k == 0 else ("ra" if k == ticks - 1 else "ma")
+        d.text((x, y0 + 6), label, fill=(60, 60, 70), font=font, anchor=anchor)
+    if seen < total:
+        x = left + plot_w * seen / total
+        d.line([(x, top), (x, y0 - 1)], fill=(214, 39, 40), width=2)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def retention_map_html(retention: dict | None, rows: str = "layer", layer: int = 0, total: int | None = None,
+                       tick_labels: list[str] | None = None, caption: str = "", width: int = 820,
+                       ticks: int = 5) -> str:
+    if retention is None:
+        return ("<div class='rmap empty'>The map of what the cache holds appears here while a document is "
+                "read.</div>")
+    png = base64.b64encode(retention_png(retention, rows, layer, total, tick_labels, width, ticks)).decode()
+    what = "layers" if rows != "cascade" else f"parts of layer {layer}"
+    cap = caption or (f"x: position in the document (tokens) · y: {what} · darker = more of that stretch still "
+                      "held (mean over KV heads)" + (" · grey: not read yet" if total and total > retention["seen"]
+                                                     else ""))
+    return (f"<div class='rmap'><img alt='retention map' src='data:image/png;base64,{png}'/>"
+            f"<div class='rmap-caption'>{html.escape(cap)}</div></div>")
 
 
 def occupancy_table(retention: dict, layer: int, cascade_slots: int, sinks: int) -> list[list]:
-    """Rows: part, slots filled, oldest and newest document token held, span covered."""
-    p = retention["positions"][min(layer, len(retention["positions"]) - 1)]
+    """Per part of one layer: slots filled (max over KV heads) / capacity, oldest and newest document
+    token held, the span covered, and how sparse it is (one kept token per N)."""
+    pos = retention["positions"]
+    p = pos[min(max(int(layer), 0), len(pos) - 1)]
     cascade = retention.get("cascade")
+    if cascade is None:
+        parts = [(None, "all slots", p.shape[-1])]
+    else:
+        parts = [(-1, "sinks", sinks)] + [(c, f"cascade {c}", cascade_slots) for c in range(int(cascade.max()) + 1)]
     rows = []
-    parts = [(-1, "sinks", sinks)] + [(c, f"cascade {c}", cascade_slots) for c in range(int(cascade.max()) + 1)] \
-        if cascade is not None else [(None, "all", p.shape[-1])]
     for c, name, cap in parts:
         held = p[:, cascade == c] if c is not None else p
         filled = int((held >= 0).sum(axis=-1).max()) if held.size else 0
         valid = held[held >= 0]
+        cap_txt = f"{filled:,}/{cap:,}" if cap else f"{filled:,}"
         if valid.size:
-            rows.append([name, f"{filled}/{cap}", int(valid.min()), int(valid.max()), int(valid.max() - valid.min() + 1)])
+            span = int(valid.max() - valid.min() + 1)
+            rows.append([name, cap_txt, int(valid.min()), int(valid.max()), span,
+                         f"1 per {span / max(filled, 1):.1f}"])
         else:
-            rows.append([name, f"{filled}/{cap}", "-", "-", "-"])
+            rows.append([name, cap_txt, "-", "-", "-", "-"])
     return rows
 
 
-def highlighted_text(text: str, offsets: np.ndarray, held: set[int], start: int, count: int) -> str:
-    """Document tokens [start, start + count) as HTML; tokens the cache holds are highlighted."""
+def highlighted_text(text: str, offsets: np.ndarray, slot_positions: np.ndarray, slot_parts: np.ndarray | None,
+                     start: int, count: int) -> str:
+    """Document tokens [start, start + count) as HTML; tokens the chosen layer/head holds are marked,
+    coloured by the part holding them (sink, cascade 0, 1, ...)."""
     n = len(offsets)
-    start = max(0, min(start, max(n - 1, 0)))
-    end = min(n, start + count)
+    start = max(0, min(int(start), max(n - 1, 0)))
+    end = min(n, start + int(count))
+    part = np.full(max(end - start, 0), -9, dtype=np.int64)
+    m = (slot_positions >= start) & (slot_positions < end)
+    part[slot_positions[m] - start] = slot_parts[m] if slot_parts is not None else 0
     out = []
     for t in range(start, end):
         a = int(offsets[t])
@@ -83,35 +182,153 @@ def highlighted_text(text: str, offsets: np.ndarray, held: set[int], start: int,
         if a < 0:
             continue
         piece = html.escape(text[a:max(a, b)])
-        out.append(f"<mark>{piece}</mark>" if t in held else piece)
+        k = int(part[t - start])
+        if k == -9:
+            out.append(piece)
+        else:
+            cls = "s" if k < 0 else f"c{min(k, 7)}"
+            out.append(f"<mark class='{cls}' title='token {t:,} · {'sink' if k < 0 else f'cascade {k}'}'>"
+                       f"{piece}</mark>")
     body = "".join(out).replace("\n", "<br>")
-    return f"<div class='retained-text'>{body}</div>"
+    return f"<div class='retained-text'>{body or '<i>(nothing here)</i>'}</div>"
 
 
-def progress_html(tokens: int, total: int | None, tps: float, eta: float | None, state: str = "reading") -> str:
-    pct = 100.0 * tokens / total if total else 0.0
-    eta_txt = "" if eta is None else f" · ETA {eta:,.0f} s"
+def legend_html(parts: int | None, policy: str = "cascade") -> str:
+    if parts is None:  # no per-slot part information (hybrid caches)
+        items = ["<mark class='c0'>held</mark>"]
+    elif policy == "sink":
+        items = ["<mark class='s'>sink</mark>", "<mark class='c0'>window</mark>"]
+    else:
+        items = ["<mark class='s'>sink</mark>"] + [f"<mark class='c{min(c, 7)}'>cascade {c}</mark>"
+                                                   for c in range(parts)]
+    return ("<div class='legend'>held by this layer/head: " + " ".join(items) +
+            " · plain grey text: forgotten</div>")
+
+
+def progress_html(tokens: int, total: int | None, tps: float, eta: float | None, state: str = "reading",
+                  note: str = "") -> str:
+    pct = min(100.0, 100.0 * tokens / total) if total else (100.0 if state == "done" else 0.0)
     total_txt = f"{total:,}" if total else "?"
-    return (f"<div class='read-progress' data-state='{state}'>"
+    parts = [f"{html.escape(state)}: {tokens:,} / {total_txt} tokens"]
+    if total:
+        parts[0] += f" ({pct:.0f}%)"
+    if tps:
+        parts.append(f"{tps:,.0f} tokens/s")
+    if eta is not None and state == "reading":
+        parts.append(f"ETA {_duration(eta)}")
+    if note:
+        parts.append(html.escape(note))
+    return (f"<div class='read-progress' data-state='{html.escape(state)}'>"
             f"<div class='bar'><div class='fill' style='width:{pct:.1f}%'></div></div>"
-            f"<div class='label'>{html.escape(state)}: {tokens:,} / {total_txt} tokens · {tps:,.0f} tok/s{eta_txt}</div>"
-            "</div>")
+            f"<div class='label'>{' · '.join(parts)}</div></div>")
 
 
-def citations_markdown(citations) -> str:
-    if not citations:
-        return ""
-    items = []
-    for c in citations:
-        label = c.label or f"token {c.token}"
-        items.append(f"<details><summary>{html.escape(label)} ({100 * c.weight:.0f}%)</summary>"
-                     f"<blockquote>{html.escape(c.excerpt)}</blockquote></details>")
-    return "\n\n**Sources**\n\n" + "\n".join(items)
+def _duration(s: float) -> str:
+    s = max(0.0, float(s))
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
-def chat_export(title: str, history: list[dict]) -> str:
-    lines = [f"# Conversation about {title}", ""]
-    for m in history:
-        who = "**You**" if m["role"] == "user" else "**Cascade Reader**"
-        lines += [f"{who}:", "", str(m["content"]), ""]
+def facts_markdown(session) -> str:
+    d, r, b, cfg = session.document, session.read_result, session.budget(), session.config
+    n = len(d.segments)
+    lines = [f"**{d.title}** · {d.kind} · {n:,} {d.units if n != 1 else d.units.rstrip('s')}",
+             f"- **{r.doc_tokens:,} tokens**, all read (nothing truncated); prompt prefix {r.prompt_tokens} tokens",
+             f"- read in {_duration(r.seconds)} ({r.tokens_per_second:,.0f} tokens/s)"]
+    if b["slots"]:
+        split = (f"{cfg.sinks} sinks + {cfg.window:,} window in {cfg.effective_cascades} cascade"
+                 f"{'s' if cfg.effective_cascades != 1 else ''} of {cfg.cascade_slots:,}")
+        lines.append(f"- cache budget: **{b['slots']:,} slots** per layer ({split}), **{b['cache_mb']:.1f} MB**, "
+                     f"policy **{b['policy']}**")
+        fits = r.doc_tokens + r.prompt_tokens <= b["slots"]
+        lines.append(f"- spans about {b['span']:,} tokens: " + (
+            "the whole document fits in the cache" if fits else
+            "older parts are kept sparsely (each cascade keeps the most-attended token of longer and longer blocks)"
+            if b["policy"] == "cascade" else "older parts beyond the window are forgotten"))
+    else:
+        lines.append(f"- cache: **every token** ({b['cache_mb']:.1f} MB, grows with the document), policy **full**")
     return "\n".join(lines)
+
+
+def settings_note(config, stride: int) -> str:
+    if config.slots is None:
+        return f"✓ full cache: keeps every token (memory grows with the document) · stride {stride}"
+    return (f"✓ {config.slots:,} slots per layer ({config.sinks} sinks + {config.window:,} window"
+            f"{f', {config.effective_cascades} cascades of {config.cascade_slots:,}' if config.policy == 'cascade' else ''}"
+            f") · spans about {config.span:,} tokens · stride {stride}")
+
+
+def citation_messages(citations) -> list[dict]:
+    """One collapsible chat message per citation: the label as title, the passage inside."""
+    out = []
+    for c in citations or []:
+        label = c.label or f"token {c.token:,}"
+        out.append({"role": "assistant", "content": f"> {c.excerpt}\n\n*document token {c.token:,}*",
+                    "metadata": {"title": f"Source: {label} · {100 * c.weight:.0f}% of the answer's attention",
+                                 "status": "done"}})
+    return out
+
+
+def answer_record(answer, mode: str) -> dict:
+    return {"question": answer.question, "answer": answer.text, "mode": mode, "tokens": answer.tokens,
+            "seconds": round(answer.seconds, 3), "stopped": answer.stopped,
+            "citations": [{"label": c.label, "excerpt": c.excerpt, "token": c.token, "weight": round(c.weight, 4)}
+                          for c in answer.citations]}
+
+
+def chat_export_markdown(title: str, turns: list[dict], settings: dict) -> str:
+    lines = [f"# Conversation about {title}", "",
+             f"*Cascade Reader, {time.strftime('%Y-%m-%d %H:%M')} · " +
+             ", ".join(f"{k} {v}" for k, v in settings.items()) + "*", ""]
+    for t in turns:
+        lines += [f"**You** ({'continuing' if t['mode'] == 'continue' else 'new question'}): {t['question']}", "",
+                  f"**Cascade Reader**: {t['answer']}" + (" *(stopped)*" if t["stopped"] else ""), ""]
+        for c in t["citations"]:
+            lines += [f"> **{c['label'] or 'token ' + str(c['token'])}**: {c['excerpt']}", ">"]
+        if t["citations"]:
+            lines[-1] = ""
+    return "\n".join(lines)
+
+
+def chat_export_json(title: str, turns: list[dict], settings: dict) -> str:
+    return json.dumps({"document": title, "settings": settings, "turns": turns}, indent=1, ensure_ascii=False)
+
+
+def sections_html(sections: list[dict], current_label: str, current: str, final: str, note: str = "") -> str:
+    parts = []
+    if final:
+        parts.append(f"<div class='summary-final'><h3>Summary</h3><p>{html.escape(final)}</p></div>")
+    if sections or current:
+        parts.append(f"<div class='summary-sections-head'>Section summaries ({len(sections)}) · click to expand</div>")
+    for s in sections:
+        parts.append(f"<details class='section'><summary>{html.escape(s['label'])}</summary>"
+                     f"<p>{html.escape(s['summary'])}</p></details>")
+    if current:
+        parts.append(f"<details class='section' open><summary>{html.escape(current_label)} "
+                     f"<i>(summarizing…)</i></summary><p>{html.escape(current)}</p></details>")
+    if note:
+        parts.append(f"<div class='note'>{html.escape(note)}</div>")
+    return "<div class='summary'>" + "".join(parts) + "</div>"
+
+
+def plain_summary_html(text: str, note: str = "") -> str:
+    body = f"<div class='summary-final'><h3>Summary</h3><p>{html.escape(text)}</p></div>" if text else ""
+    return "<div class='summary'>" + body + (f"<div class='note'>{html.escape(note)}</div>" if note else "") + "</div>"
+
+
+def compare_html(policy: str, state: str, session=None, answer: str = "", citations=(), note: str = "") -> str:
+    head = f"<h3>{html.escape(policy)}</h3>"
+    facts = ""
+    if session is not None and session.read_result is not None:
+        b, r = session.budget(), session.read_result
+        slots = f"{b['slots']:,} slots/layer" if b["slots"] else "every token"
+        facts = (f"<div class='facts'>{slots} · {b['cache_mb']:.1f} MB · read {r.doc_tokens:,} tokens in "
+                 f"{_duration(r.seconds)} ({r.tokens_per_second:,.0f} tokens/s)</div>")
+    cites = "".join(f"<details><summary>{html.escape(c.label or f'token {c.token}')}</summary>"
+                    f"<blockquote>{html.escape(c.excerpt)}</blockquote></details>" for c in citations)
+    body = f"<p class='answer'>{html.escape(answer)}</p>" if answer else ""
+    return (f"<div class='compare' data-state='{html.escape(state)}'>{head}{facts}"
+            f"<div class='note'>{html.escape(note)}</div>{body}{cites}</div>")

@@ -63,10 +63,15 @@ def load_document(path: str | os.PathLike) -> Document:
     """Read any supported file; every problem becomes a one-line UserError naming the file."""
     p = Path(path)
     name = str(path)
-    if not p.exists():
-        raise UserError(f"{name}: no such file")
-    if p.is_dir():
-        raise UserError(f"{name}: is a directory, not a document")
+    try:
+        if not p.exists():
+            raise UserError(f"{name}: no such file")
+        if p.is_dir():
+            raise UserError(f"{name}: is a directory, not a document")
+        if not p.is_file():
+            raise UserError(f"{name}: is not a regular file")
+    except OSError as e:  # e.g. a folder on the way that we may not enter
+        raise UserError(f"{name}: cannot be read ({e.strerror or e})") from None
     ext = p.suffix.lower()
     if ext not in SUPPORTED:
         raise UserError(f"{name}: unsupported file type '{ext or '(none)'}'; use one of {', '.join(SUPPORTED)}")
@@ -99,7 +104,7 @@ def _normalise(text: str) -> str:
 
 _BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
          (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
-# C0/C1 control characters that never occur in real text (tab, newlines and form feed do), and U+FFFD
+# C0 control characters and DEL, which real text never holds (tab, newlines and form feed it does), and U+FFFD
 _NOT_TEXT = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f\ufffd]")
 
 
