@@ -24,7 +24,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from engine import documents
+from engine import documents, worker
 from engine.cache import CacheConfig
 from engine.errors import Cancelled, UserError
 from engine.models import PACKAGED, cache_dir, load_model
@@ -110,7 +110,7 @@ def get_model(spec: str):
     key = _model_key(spec)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = load_model(spec.strip() or None, say=lambda s: None)
+            _MODELS[key] = worker.call(load_model, spec.strip() or None, say=lambda s: None)
         return _MODELS[key]
 
 
@@ -175,7 +175,7 @@ def _upload_path(file) -> str | None:
 # ------------------------------------------------------------------ reading
 
 def _run_read(session: ReadingSession, document, total: int, stop: threading.Event, live_retention: bool):
-    """Read in a worker thread; yield ("progress", p) / ("retention", r) / ("done", result) /
+    """Read on the model thread (engine.worker); yield ("progress", p) / ("retention", r) / ("done", result) /
     ("cancelled", msg) / ("error", msg) as they happen. Closing this generator stops the reading."""
     events: queue.Queue = queue.Queue()
     timing = {"last": 0.0, "spent": 0.0, "start": time.monotonic()}
@@ -205,8 +205,7 @@ def _run_read(session: ReadingSession, document, total: int, stop: threading.Eve
         except Exception as e:  # noqa: BLE001 - a bug: show it, keep the app alive
             events.put(("error", f"{type(e).__name__}: {e}"))
 
-    worker = threading.Thread(target=work, name="cascade-read", daemon=True)
-    worker.start()
+    worker.submit(work)  # on the one model thread (engine.worker says why)
     finished = False
     try:
         while True:
@@ -359,8 +358,9 @@ def ask(st: UserState, message, history, mode, max_new_tokens, temperature, requ
     yield history, ""
     text = ""
     try:
-        for delta in st.session.ask(message, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                    continue_conversation=(mode == "continue"), should_stop=st.stop.is_set):
+        for delta in worker.iterate(lambda: st.session.ask(
+                message, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                continue_conversation=(mode == "continue"), should_stop=st.stop.is_set)):
             text += delta
             history[-1] = {"role": "assistant", "content": text}
             yield history, gr.skip()
@@ -409,7 +409,8 @@ def summarize(st: UserState, mode, max_new_tokens, request: gr.Request = None):
     if mode == "cache":
         text = ""
         yield views.plain_summary_html("", "Summarizing from the cache…")
-        for delta in st.session.summarize(max_new_tokens=int(max_new_tokens), should_stop=st.stop.is_set):
+        for delta in worker.iterate(lambda: st.session.summarize(max_new_tokens=int(max_new_tokens),
+                                                                 should_stop=st.stop.is_set)):
             text += delta
             yield views.plain_summary_html(text, "Summarizing from the cache…")
         answer = st.session.answers[-1]
@@ -426,9 +427,10 @@ def summarize(st: UserState, mode, max_new_tokens, request: gr.Request = None):
 
     yield views.sections_html([], "", "", "", note())
     try:
-        for ev in summarize_sections(st.session, st.session.document, final_tokens=int(max_new_tokens),
-                                     max_new_tokens=min(160, int(max_new_tokens)),
-                                     should_stop=st.stop.is_set, progress=lambda p: progress.update(p=p)):
+        for ev in worker.iterate(lambda: summarize_sections(
+                st.session, st.session.document, final_tokens=int(max_new_tokens),
+                max_new_tokens=min(160, int(max_new_tokens)),
+                should_stop=st.stop.is_set, progress=lambda p: progress.update(p=p))):
             kind = ev.get("type")
             if kind == "section_delta":
                 current += ev["text"]
@@ -525,8 +527,8 @@ def compare(st: UserState, policy_a, policy_b, question, model, window, cascades
                 yield tuple(outs)
                 return
         text = ""
-        for delta in session.ask(question, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                 should_stop=st.stop.is_set):
+        for delta in worker.iterate(lambda: session.ask(question, max_new_tokens=int(max_new_tokens),
+                                                        temperature=float(temperature), should_stop=st.stop.is_set)):
             text += delta
             outs[k] = views.compare_html(policy, "answering", session, text, note="answering…")
             yield tuple(outs)
@@ -564,7 +566,7 @@ def load_snapshot(st: UserState, name, request: gr.Request = None):
         spec = manifest["model_id"]
         spec = next((k for k, pm in PACKAGED.items() if pm.name == spec and k != spec), spec)
         session = ReadingSession(get_model(spec), config, stride=int(manifest["stride"]), prompt=manifest["prompt"])
-        session.load(snapshot_dir() / name)
+        worker.call(session.load, snapshot_dir() / name)
     except UserError as e:
         return (f"⚠ Could not load {name}: {e}",) + (gr.skip(),) * (n_out - 1)
     except (OSError, KeyError, TypeError, ValueError) as e:

@@ -134,7 +134,7 @@ def test_bad_files_show_an_error(app_url, browser, tmp_path):
     png_as_pdf = tmp_path / "scan.pdf"
     png_as_pdf.write_bytes(bytes.fromhex("89504e470d0a1a0a0000000d49484452") + b"\x00" * 100)
     page.set_input_files("#upload input[type=file]", str(png_as_pdf))
-    page.wait_for_selector("#upload :text('scan.pdf')", timeout=20_000)
+    page.wait_for_selector("#upload [aria-label='scan.pdf']", timeout=20_000)  # the listed upload
     page.click("#read")
     page.wait_for_selector("#progress [data-state=error]", timeout=30_000)
     status = page.inner_text("#status")
@@ -145,7 +145,7 @@ def test_bad_files_show_an_error(app_url, browser, tmp_path):
     empty.write_text("")
     page.locator("#upload button[aria-label='Clear']").first.click()
     page.set_input_files("#upload input[type=file]", str(empty))
-    page.wait_for_selector("#upload :text('empty.txt')", timeout=20_000)
+    page.wait_for_selector("#upload [aria-label='empty.txt']", timeout=20_000)  # the listed upload
     page.click("#read")
     page.wait_for_selector("#status :text('empty.txt: is empty')", timeout=30_000)
 
@@ -154,7 +154,7 @@ def test_read_ask_cite_retention_export_snapshot(app_url, browser, tmp_path):
     page = open_app(browser, app_url)
     make_pdf(tmp_path / "harbour.pdf")
     page.set_input_files("#upload input[type=file]", str(tmp_path / "harbour.pdf"))
-    page.wait_for_selector("#upload :text('harbour.pdf')", timeout=20_000)
+    page.wait_for_selector("#upload [aria-label='harbour.pdf']", timeout=20_000)  # the listed upload
     page.click("#read")
     page.wait_for_selector("#progress [data-state=done]", timeout=120_000)
     facts = page.inner_text("#facts").replace(",", "")
