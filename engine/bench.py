@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from .errors import UserError
+
 
 def bench_tokens(tokenizer, n: int) -> list[int]:
     """n token ids of real English text (the KJV, repeated if needed)."""
@@ -96,6 +98,12 @@ def run_read_bench(args) -> dict:
     results_path = out / "read_bench.json"
     rows: list[dict] = []
     policies = list(dict.fromkeys(["ceiling", *args.policies]))
+    from .cache import CacheConfig
+
+    for policy in args.policies:  # bad settings fail here, in one line, before any worker starts
+        CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades)
+    if args.stride < 1 or any(n < 1 for n in args.lengths):
+        raise UserError("bench: --stride and --lengths must be >= 1")
     for dtype in args.dtypes:
         for length in sorted(args.lengths):
             for policy in policies:
@@ -109,7 +117,8 @@ def run_read_bench(args) -> dict:
                 proc = subprocess.run([sys.executable, "-m", "engine.bench", json.dumps(job)],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
-                    raise RuntimeError(f"bench worker failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    last = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+                    raise UserError(f"bench: the {policy} run at {length} tokens failed: {last}")
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"  {row['tokens_per_second']:.0f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr)
@@ -175,4 +184,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker(json.loads(sys.argv[1]))))
+    try:
+        print(json.dumps(worker(json.loads(sys.argv[1]))))
+    except UserError as e:  # the parent shows this line as the reason
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

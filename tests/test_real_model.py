@@ -81,6 +81,8 @@ def test_cli_ask_json_contract(tmp_path):
     ("doc", ["ask", "{tmp}/doc.txt", "-q", "x", "--stride", "0"], "stride"),
     ("doc", ["ask", "{tmp}/doc.txt", "-q", "x", "--model", "./no/such/model"], "model"),
     ("bin", ["ask", "{tmp}/data.bin", "-q", "x"], "data.bin"),
+    (None, ["bench", "--window", "100", "--cascades", "3", "--out", "{tmp}/b"], "divisible"),
+    (None, ["bench", "--lengths", "0", "--out", "{tmp}/b"], "--lengths"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, setup, args, needle):
     (tmp_path / "empty.txt").write_bytes(b"")
