@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from .cache import CacheConfig
 from .errors import UserError
 
 
@@ -49,7 +50,6 @@ def worker(args: dict) -> dict:
 
     from transformers import AttentionInterface
 
-    from .cache import CacheConfig
     from .models import load_model
     from .runtime import Engine
 
@@ -98,8 +98,6 @@ def run_read_bench(args) -> dict:
     results_path = out / "read_bench.json"
     rows: list[dict] = []
     policies = list(dict.fromkeys(["ceiling", *args.policies]))
-    from .cache import CacheConfig
-
     for policy in args.policies:  # bad settings fail here, in one line, before any worker starts
         CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades)
     if args.stride < 1 or any(n < 1 for n in args.lengths):

@@ -30,7 +30,7 @@ def call(fn: Callable[..., T], *args, **kwargs) -> T:
     """Run fn on the model thread and return its result (its exception is raised here)."""
     if in_model_thread():  # already there: queueing on ourselves would deadlock
         return fn(*args, **kwargs)
-    return _executor.submit(fn, *args, **kwargs).result()
+    return submit(fn, *args, **kwargs).result()
 
 
 def submit(fn: Callable[..., T], *args, **kwargs) -> "Future[T]":
