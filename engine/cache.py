@@ -13,7 +13,7 @@ accepts which token) is shared by all layers, heads and batch rows, and is plann
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -27,7 +27,7 @@ class CacheConfig:
     policy: str = "cascade"
     sinks: int = 64  # must cover the chat template's system prompt and instruction
     window: int = 2048  # non-sink slots per layer
-    cascades: int = 4
+    cascades: int | str = 4  # or "auto": the fewest whose span covers the document (see `resolve`)
     beta: float = 0.9999  # EMA factor of attention scores, per query
     head_reduce: str = "max"  # how the query heads of a GQA group combine into one KV-head score
     rope: str = "cache"  # RoPE at positions inside the cache, or "original" stream positions (ablation)
@@ -40,9 +40,11 @@ class CacheConfig:
         if self.policy != "full":
             if self.window < 1:
                 raise UserError(f"window must be >= 1, not {self.window}")
-            if self.cascades < 1:
-                raise UserError(f"cascades must be >= 1, not {self.cascades}")
-            if self.window % self.effective_cascades:
+            if self.cascades == "auto":
+                pass
+            elif not isinstance(self.cascades, int) or isinstance(self.cascades, bool) or self.cascades < 1:
+                raise UserError(f"cascades must be 'auto' or an integer >= 1, not {self.cascades!r}")
+            elif self.window % self.effective_cascades:
                 raise UserError(f"window ({self.window}) must be divisible by cascades ({self.cascades})")
         if not 0.0 < self.beta <= 1.0:
             raise UserError(f"beta must be in (0, 1], not {self.beta}")
@@ -51,8 +53,22 @@ class CacheConfig:
         if self.head_reduce not in ("max", "mean"):
             raise UserError(f"head_reduce must be 'max' or 'mean', not '{self.head_reduce}'")
 
+    def resolve(self, tokens: int) -> "CacheConfig":
+        """A concrete config for a stream of `tokens`: cascades="auto" becomes the smallest C that
+        divides the window and whose span S + (W/C)(2**C - 1) covers the stream (C = 1 when it fits)."""
+        if self.cascades != "auto":
+            return self
+        if self.policy != "cascade":
+            return replace(self, cascades=1)
+        c = 1
+        while c < self.window and (self.window % c or self.sinks + (self.window // c) * (2 ** c - 1) < tokens):
+            c += 1
+        return replace(self, cascades=c)
+
     @property
     def effective_cascades(self) -> int:
+        if self.cascades == "auto":
+            raise ValueError("cascades='auto' must be resolved for a document length first (CacheConfig.resolve)")
         return 1 if self.policy == "sink" else self.cascades
 
     @property
@@ -172,6 +188,10 @@ class KVCache:
         """Original stream positions held by a layer, -1 for empty slots. # [batch, kv_heads, slots]"""
         return self.pos[layer]
 
+    def slot_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """In-cache position (RoPE) and filled flag of every resident slot. # [slots] each"""
+        raise NotImplementedError
+
     @property
     def n_valid(self) -> int:
         raise NotImplementedError
@@ -216,7 +236,7 @@ class CascadeCache(KVCache):
     def cascade_base(self, i: int) -> int:
         return self.config.sinks + i * self.w
 
-    def _slot_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def slot_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """In-cache position of every physical slot: sinks, then oldest cascade first, by age."""
         slots = self.config.sinks + self.config.window
         pos = torch.zeros(slots, dtype=torch.int64)
@@ -234,7 +254,7 @@ class CascadeCache(KVCache):
 
     def plan(self, length: int) -> ChunkPlan:
         S, W = self.config.sinks, self.config.window
-        cache_pos, cache_valid = self._slot_positions()
+        cache_pos, cache_valid = self.slot_positions()
         original = torch.arange(self.seen, self.seen + length)
         n_sink_new = max(0, min(S - self.seen, length))
         plan = ChunkPlan(length=length, cache_pos=cache_pos, cache_valid=cache_valid,
@@ -388,6 +408,13 @@ class FullCache(KVCache):
 
     def resident(self, layer):
         return self.keys[layer][:, :, : self.seen], self.values[layer][:, :, : self.seen]
+
+    def original_positions(self, layer):
+        return self.pos[layer][:, :, : self.seen]
+
+    def slot_positions(self):
+        return (torch.arange(self.seen, device=self.device),
+                torch.ones(self.seen, dtype=torch.bool, device=self.device))
 
     def push(self, layer, plan, keys, values, cache_score, chunk_score):
         sl = slice(self.seen, self.seen + plan.length)

@@ -43,11 +43,12 @@ def add_arguments(parser) -> None:
         p.add_argument("--model", default=None, help="model spec (default: smollm2)")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
         p.add_argument("--policies", nargs="+", default=["cascade", "sink", "full"], choices=POLICIES)
-        p.add_argument("--window", type=int, default=512 if name == "ppl" else 256,
+        qa = name == "qa"  # its defaults depend on --set (filled in by main)
+        p.add_argument("--window", type=int, default=None if qa else 512 if name == "ppl" else 256,
                        help="non-sink slots per layer (cascade and sink get the same budget)")
         p.add_argument("--sinks", type=int, default=64)
-        p.add_argument("--cascades", type=int, default=4)
-        p.add_argument("--stride", type=int, default=256, help="chunk length for reading")
+        p.add_argument("--cascades", type=cascades_arg, default=None if qa else 4, help="an integer or auto")
+        p.add_argument("--stride", type=int, default=None if qa else 256, help="chunk length for reading")
         p.add_argument("--beta", type=float, default=None, help="score EMA factor (default: the cache's, 0.9999)")
         p.add_argument("--head-reduce", choices=["max", "mean"], default=None,
                        help="how a GQA group's query heads combine into one score (default: max)")
@@ -74,13 +75,36 @@ def add_arguments(parser) -> None:
             p.add_argument("--samples", type=int, default=1, help="documents per (length, depth band)")
             p.add_argument("--facts", type=int, default=1,
                            help="facts per document: the one asked about, plus distractors at random depths")
-            p.add_argument("--new-tokens", type=int, default=24, help="answer length limit")
+            p.add_argument("--new-tokens", type=int, default=None, help="answer length limit (24; books: 48)")
+            p.add_argument("--set", choices=["synthetic", "books"], default="synthetic",
+                           help="synthetic facts in KJV text (window 256, 4 cascades, stride 256), or natural "
+                                "questions over whole books (assets/eval/books_qa.json; window 2048, cascades "
+                                "auto, stride 512)")
+            p.add_argument("--recall", nargs="+", choices=["on", "off"], default=None,
+                           help="recall settings to run (synthetic: off; books: on off)")
+            p.add_argument("--recall-tokens", type=int, default=1024, help="recall budget (tokens)")
+            p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
+            p.add_argument("--limit", type=int, default=None, help="books: first N questions per book")
+            p.add_argument("--references", nargs="+", choices=["none", "oracle"], default=["none", "oracle"],
+                           help="books: reference rows (no document; full attention over only the answer's passages)")
+            p.add_argument("--bible", action="store_true",
+                           help="books: the whole KJV (~1M tokens) as one document, with the set's Bible questions")
+
+
+def cascades_arg(text: str):
+    """--cascades: a positive integer or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--cascades must be an integer or 'auto', not {text!r}") from None
 
 
 def _check_args(args) -> None:
-    if args.window < 1 or args.sinks < 0 or args.cascades < 1 or args.stride < 1:
+    if args.window < 1 or args.sinks < 0 or args.stride < 1 or (args.cascades != "auto" and args.cascades < 1):
         raise UserError("window, cascades and stride must be >= 1 and sinks >= 0")
-    if args.window % args.cascades:
+    if args.cascades != "auto" and args.window % args.cascades:
         raise UserError(f"window ({args.window}) must be divisible by cascades ({args.cascades})")
     if any(x <= 0 for x in getattr(args, "lengths_x", [1])):
         raise UserError("--lengths-x must be positive")
@@ -128,7 +152,7 @@ class Results:
 
     def matching(self, settings: dict) -> list[dict]:
         """Rows whose case agrees with every given setting."""
-        keys = set(settings) | {"beta", "head_reduce"}  # an ablation row never counts as a default one
+        keys = set(settings) | {"beta", "head_reduce", "recall"}  # an ablation row never counts as a default one
         return [r for r in self.rows if all(r["case"].get(k) == settings.get(k) for k in keys)]
 
 
@@ -610,15 +634,26 @@ def qa_draw(seed: int, length: int, band: int, sample: int, facts: int) -> tuple
 
 
 def run_qa(args) -> dict:
-    from . import documents, models
-    from .corpus import kjv_verses
-    from .session import ReadingSession
+    from . import models
 
     _check_args(args)
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
+    for recall in args.recall:
+        summary = run_qa_grid(args, loaded, recall)
+    return summary
+
+
+def run_qa_grid(args, loaded, recall: str) -> dict:
+    from . import documents
+    from .corpus import kjv_verses
+    from .session import AnswerSettings, ReadingSession
+
     tok = loaded.tokenizer
     prompt = args.prompt or loaded.prompt_format
     settings = _settings(args, loaded, "qa", prompt=prompt, facts=args.facts, new_tokens=args.new_tokens)
+    if recall == "on":  # rows without the key are recall off (they predate recall)
+        settings.update(recall="on", recall_tokens=args.recall_tokens)
+    answering = AnswerSettings(recall=recall == "on", recall_tokens=args.recall_tokens)
     results = Results(Path(args.out) / "qa.jsonl")
     verses = kjv_verses()
     budget = args.sinks + args.window
@@ -638,7 +673,8 @@ def run_qa(args) -> dict:
                 target, words = items[0], [it["word"] for it in items]
                 question = f"What is the special word for {target['ref']}?"
                 for policy, case in cases:
-                    session = ReadingSession(loaded, _config(args, policy), stride=args.stride, prompt=prompt)
+                    session = ReadingSession(loaded, _config(args, policy), stride=args.stride, prompt=prompt,
+                                             answering=answering)
                     prefix = len(tok(session.format.prefix, add_special_tokens=False).input_ids)
                     if not _fits(loaded, policy, prefix + doc_tokens + 40 + args.new_tokens):
                         continue
@@ -747,9 +783,23 @@ def _bars(series: dict[str, list], labels: list[str], path, title):
 
 
 def main(args) -> int:
-    run = {"passkey": run_passkey, "ppl": run_ppl, "qa": run_qa}[args.task]
-    run(args)
+    name = args.task
+    if args.task == "qa":
+        books = args.set == "books"
+        for field, synthetic, book in (("window", 256, 2048), ("cascades", 4, "auto"), ("stride", 256, 512),
+                                       ("new_tokens", 24, 48), ("recall", ["off"], ["on", "off"])):
+            if getattr(args, field) is None:
+                setattr(args, field, book if books else synthetic)
+        if books:
+            from .eval_books import run_books
+
+            run_books(args)
+            name = "books"
+        else:
+            run_qa(args)
+    else:
+        {"passkey": run_passkey, "ppl": run_ppl}[args.task](args)
     out = Path(args.out)
-    print((out / f"{args.task}.md").read_text())
-    print(f"wrote {out / args.task}.jsonl/.json/.png/.md")
+    print((out / f"{name}.md").read_text())
+    print(f"wrote {out / name}.jsonl/.json/.png/.md")
     return 0

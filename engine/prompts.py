@@ -21,12 +21,16 @@ class PromptFormat:
     prefix: str  # before the document (pinned in the sinks)
     question: str  # after the document; {q} is the question
     follow_up: str  # after a previous answer, for a running conversation; {q} is the question
+    bare: str  # a question with no document at all (the "no document" reference); {q} is the question
 
     def question_text(self, q: str) -> str:
         return DOC_OUTRO + self.question.format(q=q)
 
     def follow_up_text(self, q: str) -> str:
         return self.follow_up.format(q=q)
+
+    def bare_text(self, q: str) -> str:
+        return self.bare.format(q=q)
 
 
 def _split(text: str, marker: str) -> tuple[str, str]:
@@ -39,7 +43,8 @@ def _split(text: str, marker: str) -> tuple[str, str]:
 def prompt_format(tokenizer, name: str, bos: str = "") -> PromptFormat:
     """bos: text that must start a plain prompt (LoadedModel.bos); chat templates bring their own."""
     if name == "plain":
-        return PromptFormat("plain", bos + DOC_INTRO, "Question: {q}\nAnswer:", "\n\nQuestion: {q}\nAnswer:")
+        return PromptFormat("plain", bos + DOC_INTRO, "Question: {q}\nAnswer:", "\n\nQuestion: {q}\nAnswer:",
+                            bos + "Question: {q}\nAnswer:")
     if name != "chat":
         raise ValueError(f"prompt format must be 'chat' or 'plain', not {name!r}")
     # Render a two-turn conversation with markers, then cut it into reusable pieces.
@@ -51,4 +56,7 @@ def prompt_format(tokenizer, name: str, bos: str = "") -> PromptFormat:
     _, rest = _split(rest, q1)
     after_q1, rest = _split(rest, a1)
     between, after_q2 = _split(rest, q2)
-    return PromptFormat("chat", prefix, "{q}" + after_q1, between + "{q}" + after_q2)
+    alone = tokenizer.apply_chat_template([{"role": "user", "content": q1}], tokenize=False, add_generation_prompt=True)
+    before, after = _split(alone, q1)
+    return PromptFormat("chat", prefix, "{q}" + after_q1, between + "{q}" + after_q2,
+                        before.replace("{", "{{").replace("}", "}}") + "{q}" + after.replace("{", "{{").replace("}", "}}"))

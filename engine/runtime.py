@@ -84,7 +84,6 @@ class StepContext:
 
     cache: KVCache
     parts: dict[str, PartStep]
-    attention_sink: list | None = None  # when a list: (cache_score, original positions) per layer (citations)
 
 
 def cascade_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -108,8 +107,6 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         q, k_res, v_res, part.plan.cache_valid, k_new, value, scaling or module.scaling,
         weights=part.weights, head_reduce=part.cache.config.head_reduce, bias=part.bias,
         window_bias=part.window_bias)
-    if cascade_step.attention_sink is not None and cache_score is not None and name == "global":
-        cascade_step.attention_sink.append((cache_score, part.cache.original_positions(layer).clone()))
     kernels.cascade_push(part.cache, layer, part.plan, key, value, cache_score, chunk_score)
     return out.transpose(1, 2), None
 
@@ -166,8 +163,7 @@ class Engine:
         return make_cache(self.config, self.model.config, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "none",
-                attention_sink: list | None = None) -> torch.Tensor | None:
+    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "none") -> torch.Tensor | None:
         """Run one chunk through the model and push it into the cache.
 
         ids: [1, L]; logits: "none" (reading), "last" (next-token), or "all" (perplexity).
@@ -185,7 +181,7 @@ class Engine:
             if name == "sliding":
                 step.window_bias = window_bias(plan.cache_pos, plan.cache_valid, plan.chunk_pos, cache.sliding_window)
             parts[name] = step
-        step = StepContext(cache, parts, attention_sink)
+        step = StepContext(cache, parts)
         out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
                                use_cache=False, cascade_step=step)
         for name, part in cache.parts.items():
@@ -237,10 +233,13 @@ class Engine:
     def generate(self, cache: KVCache, prompt_ids: list[int], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, stop_ids: Iterable[int] = (),
                  should_stop: Callable[[], bool] | None = None, seed: int | None = None,
-                 attention_sink: list | None = None) -> Iterator[int]:
+                 logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+                 after_prompt: Callable[[], None] | None = None) -> Iterator[int]:
         """Read the prompt into the cache, then yield generated token ids one by one.
 
         Greedy when temperature == 0. Stops on a stop id (not yielded), max_new_tokens or should_stop.
+        logits_processor(generated ids, logits [vocab]) may reshape the next-token logits (repetition
+        control); after_prompt runs once the prompt is read (e.g. to start counting the answer's attention).
         """
         stop = set(stop_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -249,14 +248,22 @@ class Engine:
             logits = self.forward(torch.tensor([prompt_ids[i: i + self.stride]]), cache, logits="last")
         if logits is None:
             raise ValueError("generate needs a non-empty prompt")
+        if after_prompt is not None:
+            after_prompt()
+        generated: list[int] = []
         for _ in range(max_new_tokens):
             if should_stop is not None and should_stop():
                 return
-            next_id = sample(logits[0, -1], temperature, top_p, gen)
+            next_logits = logits[0, -1]
+            if logits_processor is not None:
+                next_logits = logits_processor(generated, next_logits)
+            next_id = sample(next_logits, temperature, top_p, gen)
             if next_id in stop:
                 return
+            generated.append(next_id)
             yield next_id
-            logits = self.forward(torch.tensor([[next_id]]), cache, logits="last", attention_sink=attention_sink)
+            if len(generated) < max_new_tokens:  # the last token's logits would never be used
+                logits = self.forward(torch.tensor([[next_id]]), cache, logits="last")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:

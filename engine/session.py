@@ -16,12 +16,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import documents
-from .cache import CacheConfig, KVCache
+from . import documents, recall
+from .cache import CacheConfig, HybridCache, KVCache
 from .errors import UserError
+from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
-from .prompts import (SUMMARY_QUESTION, PromptFormat,
-                      prompt_format)
+from .prompts import DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
 from .runtime import Engine, ReadProgress
 
 SNAPSHOT_VERSION = 1
@@ -29,11 +29,13 @@ SNAPSHOT_VERSION = 1
 
 @dataclass
 class Citation:
-    token: int  # document token index the answer attended to most around here
-    weight: float  # share of the answer's attention (over retained document tokens)
-    label: str  # "p. 3", "ch. 2: Title", "00:01:02 Alice", or ""
+    token: int  # document token the answer attended to most in this passage
+    weight: float  # share of the answer's attention over document tokens (recalled and in memory)
+    label: str  # the passage's label: "p. 3", "ch. 2: Title", "00:01:02 Alice", "Chapter 12", "lines 4-9"
     excerpt: str
     location: dict = field(default_factory=dict)
+    source: str = "memory"  # "recalled": re-read for this question; "memory": a slot of the cache
+    passage: int | None = None  # index of the passage in the document's passage index
 
 
 @dataclass
@@ -42,8 +44,13 @@ class Answer:
     text: str = ""
     tokens: int = 0
     seconds: float = 0.0
+    first_token_seconds: float | None = None  # from the question to the first answer token
     stopped: bool = False
+    cut: bool = False  # ended by the token limit, not by the model
     citations: list[Citation] = field(default_factory=list)
+    recalled: list[dict] = field(default_factory=list)  # passages re-read for this question
+    recall_note: str = ""  # why nothing was recalled, when nothing was
+    dropped_turns: int = 0  # earlier turns that no longer fit the conversation budget
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,125 +64,325 @@ class ReadResult:
     tokens_per_second: float
 
 
+@dataclass(frozen=True)
+class AnswerSettings:
+    """How questions are answered; with the cache config these fix the memory budget."""
+
+    recall: bool = True
+    recall_tokens: int = 1024  # tail budget for re-read passages
+    conversation_tokens: int = 768  # tail budget for earlier turns of a running conversation
+    question_tokens: int = 512  # longest question accepted
+    repetition_penalty: float = 1.1  # transformers' RepetitionPenaltyLogitsProcessor over the answer so far
+    no_repeat_ngram: int = 4  # and NoRepeatNGramLogitsProcessor: no 4-gram twice in one answer
+
+    def __post_init__(self):
+        for name in ("recall_tokens", "conversation_tokens", "question_tokens"):
+            if getattr(self, name) < 0 or (name == "question_tokens" and self.question_tokens < 1):
+                raise UserError(f"{name.replace('_', '-')} must be >= {1 if name == 'question_tokens' else 0}, "
+                                f"not {getattr(self, name)}")
+        if self.repetition_penalty < 1.0:
+            raise UserError(f"repetition penalty must be >= 1, not {self.repetition_penalty}")
+        if self.no_repeat_ngram < 0:
+            raise UserError(f"no-repeat n-gram size must be >= 0, not {self.no_repeat_ngram}")
+
+    def tail_slots(self, max_new_tokens: int) -> int:
+        return self.recall_tokens + self.conversation_tokens + self.question_tokens + 96 + max_new_tokens
+
+
+RECALL_INTRO = "Passages of the document that may answer the question:\n\n"
+RECALL_ASK = "Answer from the document. "
+BASELINE_QUESTION = "What is this document about?"  # the attention of a question with no particular target
+
+
 class ReadingSession:
     def __init__(self, loaded: LoadedModel, config: CacheConfig, stride: int = 512,
-                 prompt: str | None = None):
-        self.engine = Engine(loaded, config, stride)
-        self.loaded, self.config, self.stride = loaded, config, stride
+                 prompt: str | None = None, answering: AnswerSettings | None = None):
+        self.requested = config  # may say cascades="auto"; resolved for each document
+        self.config = config.resolve(0) if config.cascades == "auto" else config
+        self.engine = Engine(loaded, self.config, stride)
+        self.loaded, self.stride = loaded, stride
+        self.answering = answering or AnswerSettings()
         self.format: PromptFormat = prompt_format(loaded.tokenizer, prompt or loaded.prompt_format, loaded.bos)
         self.document: documents.Document | None = None
         self.source_map: documents.SourceMap | None = None
+        self.index: recall.PassageIndex | None = None
+        self.index_note = ""  # why there is no index (an older snapshot), when there is none
         self.doc_cache: KVCache | None = None  # state right after reading: every answer starts here
-        self.conversation: KVCache | None = None  # state after the last answer (running conversation)
+        self.turns: list[tuple[str, str]] = []  # (question, answer) of the running conversation
         self.prefix_tokens = 0
         self.read_result: ReadResult | None = None
         self.answers: list[Answer] = []
+        self._baseline: np.ndarray | None = None  # per-slot attention of BASELINE_QUESTION
 
     # ---------------------------------------------------------------- reading
     def _ids(self, text: str) -> list[int]:
         return self.loaded.tokenizer(text, add_special_tokens=False).input_ids
 
+    def configure_for(self, total_tokens: int) -> CacheConfig:
+        """Resolve cascades="auto" for a stream of total_tokens (prefix included); rebuilds the engine."""
+        config = self.requested.resolve(total_tokens)
+        if config != self.config:
+            self.config, self.engine = config, Engine(self.loaded, config, self.stride)
+        return config
+
     def read(self, document: documents.Document, progress: Callable[[ReadProgress], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
              on_chunk: Callable[["ReadingSession", KVCache], None] | None = None,
              total_tokens: int | None = None) -> ReadResult:
-        """Stream the document (after the prompt prefix) through a fresh cache."""
+        """Stream the document (after the prompt prefix) through a fresh cache, then index its passages."""
         tok = self.loaded.tokenizer
         source_map = documents.SourceMap(document)
         prefix_ids = self._ids(self.format.prefix)
         pieces = documents.tokenize_stream(document, tok, source_map=source_map)
-        cache = self.engine.new_cache()
         total = (total_tokens or documents.count_tokens(document, tok)) + len(prefix_ids)
+        self.configure_for(total)
+        cache = self.engine.new_cache()
 
         def stream():
             yield prefix_ids
             yield from pieces
 
         chunk_hook = (lambda c: on_chunk(self, c)) if on_chunk else None
-        self.document, self.source_map, self.prefix_tokens = document, source_map, len(prefix_ids)
         done = self.engine.read(stream(), cache, total=total, progress=progress, should_stop=should_stop,
                                 on_chunk=chunk_hook)
-        self.doc_cache, self.conversation = cache, None
         doc_tokens = done.tokens_read - len(prefix_ids)
         if doc_tokens <= 0:
             raise UserError(f"{document.title}: no text to read")
-        self.read_result = ReadResult(doc_tokens, len(prefix_ids), done.seconds, done.tokens_per_second)
+        self._set_document(document, source_map, cache, len(prefix_ids),
+                           ReadResult(doc_tokens, len(prefix_ids), done.seconds, done.tokens_per_second))
         return self.read_result
+
+    def _set_document(self, document, source_map, cache, prefix_tokens, result, index=None) -> None:
+        self.document, self.source_map, self.doc_cache = document, source_map, cache
+        self.prefix_tokens, self.read_result = prefix_tokens, result
+        self.index = recall.PassageIndex.build(document, source_map.offsets) if index is None else (index or None)
+        self.index_note, self.turns, self._baseline = "", [], None
+
+    def reset_conversation(self) -> None:
+        self.turns = []
 
     # ---------------------------------------------------------------- answering
     def _require_read(self) -> None:
         if self.doc_cache is None:
             raise UserError("no document has been read yet")
 
-    def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
-            continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
-            seed: int | None = 0, n_citations: int = 3) -> Iterator[str]:
-        """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`."""
-        self._require_read()
+    def check_question(self, question: str, max_new_tokens: int = 256) -> str:
+        """The question, stripped; refuses an empty or over-long one and a token limit below 1."""
         question = question.strip()
         if not question:
             raise UserError("the question is empty")
-        if continue_conversation and self.conversation is not None:
-            cache, text = self.conversation, self.format.follow_up_text(question)
-        else:
-            cache, text = self.doc_cache.clone(), self.format.question_text(question)
+        if max_new_tokens < 1:
+            raise UserError(f"max-new-tokens must be >= 1, not {max_new_tokens}")
+        n = len(self._ids(question))
+        if n > self.answering.question_tokens:
+            raise UserError(f"the question is {n} tokens long; the limit is {self.answering.question_tokens}")
+        return question
+
+    def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
+            continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
+            seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None) -> Iterator[str]:
+        """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
+
+        The document memory stays frozen: recalled passages, earlier turns (when continuing), the
+        question and the answer go into a tail after it (`engine.memory`).
+        """
+        self._require_read()
+        question = self.check_question(question, max_new_tokens)
+        start = time.perf_counter()
+        settings = self.answering
+        cache = freeze(self.doc_cache, settings.tail_slots(max_new_tokens))
         answer = Answer(question)
         self.answers.append(answer)
-        yield from self._generate(cache, self._ids(text), answer, max_new_tokens, temperature, top_p,
-                                  should_stop, seed, n_citations)
-        self.conversation = cache
+        turns = self._kept_turns(answer) if continue_conversation else []
+        use_recall = settings.recall if recall_on is None else recall_on
+        recalled: list[recall.Recalled] = []
+        if not use_recall:
+            answer.recall_note = "recall is off"
+        elif self.index is None:
+            answer.recall_note = self.index_note or "no passage index"
+        else:
+            recalled = self.locate(question, cache)
+            answer.recalled = [r.to_dict() for r in recalled]
+            if not recalled:
+                answer.recall_note = "no passage was recalled: no part of the document matches the question"
+        ids, tail_doc = self._tail(question, turns, recalled)
+        cache_memory = memory_of(cache)
+        cache_memory.scored = n_citations > 0
+        yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
+                                  n_citations, tail_doc=tail_doc, start=start)
+        if continue_conversation:
+            self.turns = turns + [(question, answer.text)]
+
+    def _kept_turns(self, answer: Answer) -> list[tuple[str, str]]:
+        """The latest turns that fit the conversation budget; the oldest leave first."""
+        kept, used = [], 0
+        for q, a in reversed(self.turns):
+            n = len(self._ids(self._turn_text(q, a)))
+            if used + n > self.answering.conversation_tokens:
+                break
+            kept.insert(0, (q, a))
+            used += n
+        answer.dropped_turns = len(self.turns) - len(kept)
+        return kept
+
+    @staticmethod
+    def _turn_text(q: str, a: str) -> str:
+        return f"Earlier question: {q}\nEarlier answer: {a}\n\n"
+
+    def _tail(self, question: str, turns, recalled) -> tuple[list[int], np.ndarray]:
+        """Token ids read after the document, and the document token each stands for (-1: none)."""
+        ids: list[int] = []
+        doc: list[np.ndarray] = []
+
+        def add(piece: list[int], doc_tokens: np.ndarray | None = None):
+            ids.extend(piece)
+            doc.append(np.full(len(piece), -1, dtype=np.int64) if doc_tokens is None else doc_tokens)
+
+        add(self._ids(DOC_OUTRO + "".join(self._turn_text(q, a) for q, a in turns)))
+        if recalled:
+            add(self._ids(RECALL_INTRO))
+            offsets = self.source_map.offsets
+            for r in recalled:
+                add(self._ids(f"[{r.passage.label}]\n"))
+                enc = self.loaded.tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+                chars = r.passage.char_start + np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
+                add(list(enc["input_ids"]), np.searchsorted(offsets, chars, side="right") - 1)
+                add(self._ids("\n\n"))
+        add(self._ids(self.format.question.format(q=(RECALL_ASK if recalled else "") + question)))
+        return ids, np.concatenate(doc) if doc else np.zeros(0, dtype=np.int64)
+
+    def _probe(self, cache: KVCache, text: str) -> np.ndarray:
+        """Attention that `text`, read after the document, gives each document slot, summed over
+        layers and heads; the tail is rolled back afterwards. # [n_doc slots]"""
+        memory = memory_of(cache)
+        sliding = cache.sliding.clone() if isinstance(cache, HybridCache) else None
+        memory.scored = True
+        memory.reset_scores()
+        ids = self._ids(text)
+        for i in range(0, len(ids), self.stride):
+            self.engine.forward(torch.tensor([ids[i: i + self.stride]]), cache)
+        score, _ = memory.slot_scores()  # [layers, kv_heads, slots]
+        per_slot = score[..., : memory.n_doc].sum(dim=0)  # [kv_heads, n_doc]
+        memory.truncate(0)
+        memory.reset_scores()
+        if sliding is not None:
+            cache.sliding = sliding
+        return per_slot.numpy()
+
+    def passage_attention(self, question: str, cache: KVCache) -> dict[int, float] | None:
+        """Per passage, the attention the question gives its retained slots beyond what a question with
+        no target gives them (the "lift"), as shares summing to 1; None with no document slots."""
+        memory = memory_of(cache)
+        if not memory.n_doc:
+            return None
+        if self._baseline is None:
+            self._baseline = self._probe(cache, self.format.question_text(BASELINE_QUESTION))
+        asked = self._probe(cache, self.format.question_text(question))
+        lift = np.maximum(asked - self._baseline, 0.0)  # [kv_heads, n_doc]
+        pos = memory.pos[0][0, :, : memory.n_doc].numpy()  # [kv_heads, n_doc] stream positions (layer 0)
+        in_doc = pos >= max(self.config.sinks, self.prefix_tokens)  # sinks draw attention whatever is asked
+        return recall.attention_by_passage(self.index, (pos - self.prefix_tokens)[in_doc], lift[in_doc])
+
+    def locate(self, question: str, cache: KVCache, signals: str = "both") -> list[recall.Recalled]:
+        """Rank passages for the question (BM25 and/or the question's attention, fused) within the budget."""
+        attention = self.passage_attention(question, cache) if signals in ("both", "attention") else None
+        return recall.rank(self.index, question, attention, self.answering.recall_tokens,
+                           tokens_of=self.recall_cost, lexical=signals in ("both", "bm25"))
+
+    @staticmethod
+    def recall_cost(p: recall.Passage) -> int:
+        return p.tokens + 10  # its text and its "[label]" line
 
     def _generate(self, cache, prompt_ids, answer: Answer, max_new_tokens, temperature, top_p, should_stop,
-                  seed, n_citations) -> Iterator[str]:
+                  seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None) -> Iterator[str]:
         tok = self.loaded.tokenizer
-        stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int) and i >= 0}
-        attention: list[torch.Tensor] = []
-        start, ids, shown = time.perf_counter(), [], ""
+        stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
+                             tok.convert_tokens_to_ids("<end_of_turn>"))
+                 if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
+        memory = memory_of(cache) if isinstance(memory_of(cache), FrozenMemory) else None
+        start = start or time.perf_counter()
+        ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
-                                          should_stop, seed, attention_sink=attention if cache.scored and n_citations > 0 else None):
+                                          should_stop, seed, logits_processor=self._processor(),
+                                          after_prompt=memory.reset_scores if memory else None):
+            if not ids:
+                answer.first_token_seconds = time.perf_counter() - start
             ids.append(token)
             text = tok.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            turn_end = "\nQuestion:" in text and self.format.name == "plain"  # a base model starts a new turn
+            if turn_end:
+                text = text[: text.index("\nQuestion:")]
+            elif text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                 continue
             delta, shown = text[len(shown):], text
             answer.text, answer.tokens = shown, len(ids)
             if delta:
                 yield delta
-        answer.text = tok.decode(ids, skip_special_tokens=True).strip()
+            if turn_end:
+                break
+        else:
+            answer.cut = len(ids) >= max_new_tokens
+        answer.text = shown.replace("\ufffd", "").strip()
         answer.tokens, answer.seconds = len(ids), time.perf_counter() - start
         answer.stopped = bool(should_stop and should_stop())
-        if attention:
-            answer.citations = self._citations(attention, n_citations)
+        if memory is not None and memory.scored and n_citations > 0:
+            answer.citations = self._citations(memory, n_citations, tail_doc)
 
-    def _citations(self, attention, k) -> list[Citation]:
-        if k <= 0:
-            return []
-        """Document tokens that the answer attended to most, mapped to their source passages.
+    def _processor(self):
+        """Repetition control over the answer so far (transformers' logits processors)."""
+        from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+                                  RepetitionPenaltyLogitsProcessor)
 
-        `attention` holds, per generated token and layer, the score sums over the resident slots
-        and the original positions those slots held at that moment.
+        a = self.answering
+        procs = LogitsProcessorList()
+        if a.repetition_penalty > 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(a.repetition_penalty))
+        if a.no_repeat_ngram > 0:
+            procs.append(NoRepeatNGramLogitsProcessor(a.no_repeat_ngram))
+        if not procs:
+            return None
+        return lambda ids, logits: procs(torch.tensor([ids], dtype=torch.long), logits[None])[0] if ids else logits
+
+    def _citations(self, memory: FrozenMemory, k: int, tail_doc: np.ndarray | None) -> list[Citation]:
+        """Passages that the answer attended to most, in recalled passages and in the cache's slots.
+
+        Scores are the per-slot sums the frozen memory kept during the answer (fixed size).
         """
-        doc_tokens = self.read_result.doc_tokens if self.read_result else 0
-        total: dict[int, float] = {}
-        for score, pos in attention:
-            doc = pos.reshape(-1).numpy() - self.prefix_tokens
-            s = score.reshape(-1).float().numpy()
-            keep = (doc >= 0) & (doc < doc_tokens)
-            held, where = np.unique(doc[keep], return_inverse=True)  # several heads may hold one token
-            for d, v in zip(held.tolist(), np.bincount(where, weights=s[keep]).tolist()):
-                total[d] = total.get(d, 0.0) + v
-        if not total or self.source_map is None:
+        score, pos = memory.slot_scores()  # [layers, kv_heads, slots]
+        w = score.reshape(-1).numpy()  # several layers and heads may hold one token: their weights add up
+        p = pos.reshape(-1).numpy()
+        doc_tokens = self.read_result.doc_tokens
+        doc = np.full_like(p, -1)
+        in_doc = (p >= max(self.config.sinks, self.prefix_tokens)) & (p < memory.doc_seen)
+        doc[in_doc] = p[in_doc] - self.prefix_tokens
+        recalled = np.zeros(len(p), dtype=bool)
+        if tail_doc is not None and len(tail_doc):
+            t = p - memory.doc_seen
+            in_tail = (t >= 0) & (t < len(tail_doc))
+            doc[in_tail] = tail_doc[t[in_tail]]
+            recalled = in_tail & (doc >= 0)
+        keep = (doc >= 0) & (doc < doc_tokens)
+        if not keep.any():
             return []
-        norm = sum(total.values())
-        picked: list[Citation] = []
-        for d in sorted(total, key=total.get, reverse=True):
-            loc = self.source_map.locate(d)
-            # one citation per passage: nearby tokens of the same page / chapter / cue count once
-            if any(abs(d - c.token) < 48 and c.location.get("segment") == loc["segment"] for c in picked):
-                continue
-            picked.append(Citation(d, total[d] / norm, loc.get("label", ""), self.source_map.excerpt(d), loc))
-            if len(picked) == k:
+        if self.index is not None:  # one citation per passage
+            unit = self.index.passage_of_token(doc[keep])
+        else:
+            unit = self.source_map.segment_of_chars(self.source_map.offsets[doc[keep]])
+        weights, tokens, from_tail = w[keep], doc[keep], recalled[keep]
+        ok = unit >= 0
+        total = np.bincount(unit[ok], weights=weights[ok])
+        norm = float(total.sum()) or 1.0
+        picked = []
+        for u in np.argsort(-total)[:k]:
+            if total[u] <= 0:
                 break
+            mine = ok & (unit == u)
+            best = int(tokens[mine][np.argmax(weights[mine])])
+            loc = self.source_map.locate(best)
+            label = self.index.passages[u].label if self.index is not None else loc.get("label", "")
+            picked.append(Citation(best, float(total[u]) / norm, label, self.source_map.excerpt(best), loc,
+                                   "recalled" if from_tail[mine].any() else "memory",
+                                   int(u) if self.index is not None else None))
         return picked
 
     # ---------------------------------------------------------------- summaries
@@ -193,7 +400,9 @@ class ReadingSession:
     def budget(self) -> dict:
         cache = self.doc_cache or self.engine.new_cache()
         return {"policy": self.config.policy, "slots": self.config.slots, "cache_mb": cache.nbytes() / 2 ** 20,
-                "span": self.config.span}
+                "span": self.config.span, "cascades": self.config.cascades,
+                "tail_slots": self.answering.tail_slots(256),
+                "index_mb": self.index.nbytes_on_disk() / 2 ** 20 if self.index else 0.0}
 
     # ---------------------------------------------------------------- snapshots
     def manifest(self) -> dict:
@@ -202,7 +411,7 @@ class ReadingSession:
         return {
             "version": SNAPSHOT_VERSION, "model_id": self.loaded.model_id, "config": self.config.to_dict(),
             "stride": self.stride, "prompt": self.format.name, "prefix_tokens": self.prefix_tokens,
-            "read": asdict(self.read_result),
+            "read": asdict(self.read_result), "index": self.index is not None,
             "document": {"path": d.path, "kind": d.kind, "title": d.title, "sha256": d.sha256,
                          "segments": [{"text": s.text, "label": s.label, "meta": s.meta} for s in d.segments]},
         }
@@ -217,6 +426,8 @@ class ReadingSession:
         tensors.update({f"map.{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.source_map.to_arrays().items()})
         save_file(tensors, str(base) + ".safetensors")
+        if self.index is not None:
+            self.index.save(Path(str(base) + ".index.sqlite"))
         Path(str(base) + ".json").write_text(json.dumps(self.manifest(), indent=1))
         return base
 
@@ -236,7 +447,10 @@ class ReadingSession:
             raise UserError(f"{man_path}: snapshot version {man.get('version')} is not supported")
         if man["model_id"] != self.loaded.model_id:
             raise UserError(f"{man_path}: made with model {man['model_id']}, not {self.loaded.model_id}")
-        if man["config"] != self.config.to_dict() or man["stride"] != self.stride or man["prompt"] != self.format.name:
+        wanted = self.requested.to_dict()
+        if wanted["cascades"] == "auto":  # any resolved C fits "auto"
+            wanted["cascades"] = man["config"].get("cascades")
+        if man["config"] != wanted or man["stride"] != self.stride or man["prompt"] != self.format.name:
             raise UserError(f"{man_path}: made with other cache settings ({man['config']}, stride {man['stride']}, "
                             f"prompt {man['prompt']}); use the same settings to load it")
         try:
@@ -246,13 +460,23 @@ class ReadingSession:
         doc = man["document"]
         document = documents.Document(path=doc["path"], kind=doc["kind"], title=doc["title"], sha256=doc["sha256"],
                                       segments=[documents.Segment(s["text"], s["label"], s["meta"]) for s in doc["segments"]])
+        self.config = CacheConfig(**man["config"])
+        self.engine = Engine(self.loaded, self.config, self.stride)
         cache = self.engine.new_cache()
         cache.load_state({k[len("cache."):]: v for k, v in tensors.items() if k.startswith("cache.")})
-        self.source_map = documents.SourceMap.from_arrays(
+        source_map = documents.SourceMap.from_arrays(
             document, {k[len("map."):]: v.numpy() for k, v in tensors.items() if k.startswith("map.")})
-        self.document, self.doc_cache, self.conversation = document, cache, None
-        self.prefix_tokens = man["prefix_tokens"]
-        self.read_result = ReadResult(**man["read"])
+        result = ReadResult(**man["read"])
+        index_path = Path(str(base) + ".index.sqlite")
+        index, note = None, ""
+        if man.get("index") or index_path.exists():
+            if not index_path.exists():
+                raise UserError(f"{index_path}: missing (the snapshot says it has a passage index)")
+            index = recall.PassageIndex.open(index_path, document, result.doc_tokens)
+        else:
+            note = "recall is off: this snapshot was saved without a passage index (an older format)"
+        self._set_document(document, source_map, cache, man["prefix_tokens"], result, index=index or False)
+        self.index, self.index_note = index, note
 
 
 def retention_of(cache: KVCache, prefix_tokens: int, layer: int | None = None) -> dict:

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import documents
+from .memory import freeze
 from .prompts import FINAL_SUMMARY_QUESTION, SECTION_QUESTION
 from .runtime import ReadProgress
 from .session import Answer, ReadingSession, ReadResult
@@ -48,13 +49,15 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         from .errors import UserError
 
         raise UserError("summarize needs a document")
-    engine, tok = session.engine, session.loaded.tokenizer
+    tok = session.loaded.tokenizer
     bounds = section_bounds(document, section_chars)
     source_map = documents.SourceMap(document)
     prefix = session._ids(session.format.prefix)
+    total = documents.count_tokens(document, tok)
+    session.configure_for(total + len(prefix))
+    engine = session.engine
     cache = engine.new_cache()
     engine.read([prefix], cache)
-    total = documents.count_tokens(document, tok)
     sections: list[dict] = []
     buffer: list[int] = []
     read_tokens, read_seconds, t0 = 0, 0.0, time.perf_counter()
@@ -73,7 +76,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         if say:
             say(f"section {k + 1}/{len(bounds)}: {label}")
         answer = Answer(SECTION_QUESTION)
-        for delta in session._generate(cache.clone(), session._ids(session.format.question_text(SECTION_QUESTION)),
+        for delta in session._generate(freeze(cache, max_new_tokens + 64),
+                                       session._ids(session.format.question_text(SECTION_QUESTION)),
                                        answer, max_new_tokens, 0.0, 1.0, should_stop, 0, 0):
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
         event = {"type": "section", "index": k, "label": label, "start_char": a, "end_char": b,
@@ -93,9 +97,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         yield from flush(k)
         k += 1
     # the session now holds the whole document, as if read with session.read
-    session.document, session.source_map, session.doc_cache = document, source_map, cache
-    session.conversation, session.prefix_tokens = None, len(prefix)
-    session.read_result = ReadResult(read_tokens, len(prefix), read_seconds, read_tokens / max(read_seconds, 1e-9))
+    session._set_document(document, source_map, cache, len(prefix),
+                          ReadResult(read_tokens, len(prefix), read_seconds, read_tokens / max(read_seconds, 1e-9)))
     # final: the section summaries, read as a short document of their own
     joined = "\n\n".join(f"[{s['label']}] {s['summary']}" for s in sections)
     final_cache = engine.new_cache()

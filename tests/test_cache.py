@@ -39,7 +39,7 @@ def feed(cache, lengths, gen=None, scored=True):
 
 def cache_order(cache, b=0, h=0):
     """Original positions of valid slots, sorted by in-cache position."""
-    pos, valid = cache._slot_positions()
+    pos, valid = cache.slot_positions()
     order = torch.argsort(torch.where(valid, pos, torch.full_like(pos, 1 << 40)))[: int(valid.sum())]
     return cache.pos[0][b, h, order].tolist()
 
@@ -106,7 +106,7 @@ def test_matches_literal_oracle_and_invariants(sinks, w, cascades, lengths, seed
                 resident_gain = {int(p): float(g) for p, g in zip(before[b, h], gain[b, h]) if p >= 0}
                 oracles[b][h].chunk(resident_gain, new[b, h].tolist())
         # invariants
-        pos, valid = cache._slot_positions()
+        pos, valid = cache.slot_positions()
         assert int(valid.sum()) == cache.n_valid <= sinks + w * cascades
         if first_sinks is None and cache.seen >= sinks:
             first_sinks = cache.pos[0][:, :, :sinks].clone()
@@ -121,7 +121,7 @@ def test_matches_literal_oracle_and_invariants(sinks, w, cascades, lengths, seed
                 for p, s in oracles[b][h].scores().items():
                     assert vec_scores[p] == pytest.approx(s, rel=1e-5, abs=1e-6)
     # in-cache positions are 0..n-1 and never exceed sinks + window
-    pos, valid = cache._slot_positions()
+    pos, valid = cache.slot_positions()
     assert sorted(pos[valid].tolist()) == list(range(cache.n_valid))
 
 

@@ -1,0 +1,279 @@
+"""Book QA: natural questions over whole KJV books, asked through `ReadingSession.ask`.
+
+`python -m engine eval qa --set books` reads each book of assets/eval/books_qa.json once per
+policy (a snapshot in <out>/snapshots makes reruns skip the read), then asks every question with
+recall on and off. Two references come with every table:
+- none: the same model asked the question with no document at all (what it knows already);
+- oracle: full attention over only the passages that hold the answer (the ceiling of any recall
+  with this reader).
+A question is right when an accepted answer occurs in the answer as whole words; recall hits when
+a recalled passage overlaps a verse that holds the answer. Resumable like every evaluation here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .evaluate import Results, _plt, _say, _settings
+
+QUESTIONS = Path(__file__).resolve().parent.parent / "assets" / "eval" / "books_qa.json"
+
+
+def load_set(path: Path = QUESTIONS) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: the book question set is missing") from None
+
+
+def book_text(book: str, bible: bool = False) -> tuple[str, dict]:
+    """A book as a reader sees it ("Chapter 3" headings, numbered verses), or the whole KJV with
+    "# Exodus 3" headings; and the char span of every verse, keyed (book, chapter, verse)."""
+    from .corpus import kjv_verses
+
+    parts, spans, at, last = [], {}, 0, None
+
+    def put(s: str):
+        nonlocal at
+        parts.append(s)
+        at += len(s)
+
+    for v in kjv_verses():
+        if not bible and v.book != book:
+            continue
+        if v.book == "Genesis" and bible:
+            continue  # Genesis is kept for an independent check
+        if (v.book, v.chapter) != last:
+            put(("\n" if at else "") + (f"# {v.book} {v.chapter}\n" if bible else f"Chapter {v.chapter}\n"))
+            last = (v.book, v.chapter)
+        line = f"{v.verse} {v.text}\n"
+        spans[(v.book, v.chapter, v.verse)] = (at, at + len(line))
+        put(line)
+    if not parts:
+        raise UserError(f"no KJV book named {book!r}")
+    return "".join(parts), spans
+
+
+def correct(answer: str, aliases: list[str]) -> bool:
+    low = answer.lower()
+    return any(re.search(rf"\b{re.escape(a.lower())}\b", low) for a in aliases)
+
+
+def gold_spans(item: dict, spans: dict) -> list[tuple[int, int]]:
+    return [spans[(item["book"], c, v)] for c, v in item["refs"] if (item["book"], c, v) in spans]
+
+
+def hits(passages, gold: list[tuple[int, int]]) -> bool:
+    """Whether any passage overlaps a verse that holds the answer."""
+    return any(p.char_start < b and a < p.char_end for p in passages for a, b in gold)
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 0.0)
+    z, p = 1.96, k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def no_document_answer(session, question: str, max_new_tokens: int) -> str:
+    """What the model says to the question alone, in the session's prompt format."""
+    from .session import Answer
+
+    ids = session._ids(session.format.bare_text(question))
+    answer = Answer(question)
+    cache = session.engine.new_cache()
+    "".join(session._generate(cache, ids, answer, max_new_tokens, 0.0, 1.0, None, 0, 0))
+    return answer.text
+
+
+def run_books(args) -> dict:
+    from . import documents, models
+    from .cache import CacheConfig
+    from .memory import freeze
+    from .session import AnswerSettings, ReadingSession
+
+    data = load_set()
+    loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
+    prompt = args.prompt or loaded.prompt_format
+    out = Path(args.out)
+    results = Results(out / "books.jsonl")
+    settings = _settings(args, loaded, "books", prompt=prompt, new_tokens=args.new_tokens,
+                         cascades=args.cascades, recall_tokens=args.recall_tokens)
+    if args.bible:
+        groups = {"Bible": [dict(q, doc="Bible") for q in data["bible"]]}
+    else:
+        names = args.books or list(data["books"])
+        groups = {}
+        for name in names:
+            book = data["books"].get(name, {}).get("book", name)
+            qs = [dict(q, doc=book) for q in data["questions"] if q["book"] == book]
+            if not qs:
+                raise UserError(f"no questions for book {name!r} in {QUESTIONS}")
+            groups[book] = qs[: args.limit] if args.limit else qs
+    for doc_name, items in groups.items():
+        text, spans = book_text(doc_name, bible=doc_name == "Bible")
+        doc = documents.document_from_text(text, title=doc_name)
+        for policy in args.policies:
+            if policy == "full":
+                continue  # whole books exceed the models' positions; the oracle row is full attention
+            config = CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades)
+            todo = [(it, r) for it in items for r in args.recall
+                    if not results.has({**settings, "doc": doc_name, "id": it["id"], "policy": policy, "recall": r})]
+            if not todo:
+                continue
+            session = ReadingSession(loaded, config, stride=args.stride, prompt=prompt,
+                                     answering=AnswerSettings(recall_tokens=args.recall_tokens))
+            snap = out / "snapshots" / f"{doc_name.replace(' ', '_')}-{policy}-w{args.window}-c{args.cascades}-s{args.stride}"
+            try:
+                session.load(snap)
+                _say(f"{doc_name} {policy}: loaded {snap}")
+            except UserError:
+                t0 = time.perf_counter()
+                read = session.read(doc)
+                _say(f"{doc_name} {policy}: read {read.doc_tokens} tokens in {time.perf_counter() - t0:.0f} s "
+                     f"({read.tokens_per_second:.0f} tok/s), cascades {session.config.cascades}, "
+                     f"{len(session.index.passages)} passages, index {session.index.nbytes_on_disk() / 2**20:.2f} MB")
+                session.save(snap)
+            for it, r in todo:
+                case = {**settings, "doc": doc_name, "id": it["id"], "policy": policy, "recall": r}
+                gold = gold_spans(it, spans)
+                row = {"question": it["question"], "answers": it["answers"],
+                       "doc_tokens": session.read_result.doc_tokens, "cascades_used": session.config.cascades,
+                       "index_mb": session.index.nbytes_on_disk() / 2 ** 20}
+                if r == "on":  # how each signal alone would have done, for the ablation table
+                    cache = freeze(session.doc_cache, session.answering.question_tokens + 96)
+                    attention = session.passage_attention(it["question"], cache)
+                    from . import recall as rc
+
+                    for name, kw in (("bm25", dict(attention=None)), ("attention", dict(lexical=False))):
+                        picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
+                                         args.recall_tokens, tokens_of=session.recall_cost,
+                                         lexical=kw.get("lexical", True))
+                        row[f"hit_{name}"] = hits([x.passage for x in picked], gold)
+                t0 = time.perf_counter()
+                "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, recall_on=r == "on"))
+                a = session.answers[-1]
+                recalled = a.recalled
+                row.update(answer=a.text, correct=correct(a.text, it["answers"]), seconds=time.perf_counter() - t0,
+                           first_token_seconds=a.first_token_seconds, answer_tokens=a.tokens, cut=a.cut,
+                           recalled=[d["label"] for d in recalled],
+                           citations=[c.label for c in a.citations])
+                if r == "on":
+                    row["hit"] = hits([session.index.passages[d["passage"]] for d in recalled], gold)
+                    row["cited_gold"] = hits([session.index.passages[c.passage] for c in a.citations
+                                              if c.passage is not None], gold)
+                results.add(case, row)
+                _say(f"{doc_name} {policy} recall {r} {it['id']}: {a.text[:70]!r} "
+                     f"{'ok' if row['correct'] else 'miss'}" + (f" hit {row['hit']}" if r == "on" else ""))
+        run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans)
+    rows = [r for r in results.rows if all(r["case"].get(k) == v for k, v in settings.items())]
+    return summarize_books(rows, out, loaded.model_id, settings)
+
+
+def run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans) -> None:
+    """The 'none' (no document) and 'oracle' (only the answer's passages, full attention) rows."""
+    from . import documents, recall
+    from .cache import CacheConfig
+    from .session import AnswerSettings, ReadingSession
+
+    todo = [(it, ref) for it in items for ref in args.references
+            if not results.has({**settings, "doc": doc_name, "id": it["id"], "policy": ref, "recall": "off"})]
+    if not todo:
+        return
+    session = ReadingSession(loaded, CacheConfig(policy="full"), stride=args.stride, prompt=prompt,
+                             answering=AnswerSettings(recall=False))
+    offsets = _doc_offsets(doc, loaded.tokenizer)
+    passages = recall.cut_passages(doc, offsets)
+    for it, ref in todo:
+        case = {**settings, "doc": doc_name, "id": it["id"], "policy": ref, "recall": "off"}
+        if ref == "none":
+            text = no_document_answer(session, it["question"], args.new_tokens)
+        else:  # the passages holding the gold verses, framed as recall frames them
+            gold = gold_spans(it, spans)
+            held = [p for p in passages if hits([p], gold)]
+            body = "\n\n".join(f"[{p.label}]\n{doc.text[p.char_start:p.char_end]}" for p in held)
+            session.read(documents.document_from_text(body, title=f"{doc_name} oracle"))
+            "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, n_citations=0))
+            text = session.answers[-1].text
+        results.add(case, {"question": it["question"], "answers": it["answers"], "answer": text,
+                           "correct": correct(text, it["answers"])})
+        _say(f"{doc_name} {ref} {it['id']}: {text[:70]!r} {'ok' if correct(text, it['answers']) else 'miss'}")
+
+
+def _doc_offsets(doc, tokenizer) -> np.ndarray:
+    from . import documents
+
+    sm = documents.SourceMap(doc)
+    for _ in documents.tokenize_stream(doc, tokenizer, source_map=sm):
+        pass
+    return sm.offsets
+
+
+def summarize_books(rows: list[dict], out: Path, model_id: str, settings: dict) -> dict:
+    """Accuracy (95% Wilson interval) and recall hit rate per document, policy and recall setting."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        c = r["case"]
+        for doc in (c["doc"], "all"):
+            cells.setdefault((doc, c["policy"], c["recall"]), []).append(r)
+    order = {"none": 0, "oracle": 1, "sink": 2, "cascade": 3}
+    table = []
+    for (doc, policy, rec), rs in sorted(cells.items(), key=lambda kv: (kv[0][0] == "all", kv[0][0],
+                                                                         order.get(kv[0][1], 9), kv[0][2])):
+        k, n = sum(r["correct"] for r in rs), len(rs)
+        lo, hi = wilson(k, n)
+        entry = {"doc": doc, "policy": policy, "recall": rec, "n": n, "accuracy": k / n, "ci95": [lo, hi]}
+        for field in ("hit", "hit_bm25", "hit_attention", "cited_gold"):
+            vals = [r[field] for r in rs if r.get(field) is not None]
+            if vals:
+                entry[field] = sum(vals) / len(vals)
+        secs = [r["first_token_seconds"] for r in rs if r.get("first_token_seconds") is not None]
+        if secs:
+            entry["first_token_seconds"] = float(np.median(secs))
+        entry["cut"] = sum(bool(r.get("cut")) for r in rs)
+        table.append(entry)
+    summary = {"model": model_id, "settings": settings, "table": table}
+    (out / "books.json").write_text(json.dumps(summary, indent=1))
+    lines = [f"Book QA, {model_id}; window {settings['window']}, cascades {settings['cascades']}, stride "
+             f"{settings['stride']}, recall budget {settings['recall_tokens']}, answers <= {settings['new_tokens']} "
+             "tokens, greedy", "",
+             "| document | policy | recall | n | accuracy (95% CI) | recall hit | BM25-only hit | attention-only hit "
+             "| cited the answer's verse | median s to first token | cut by limit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(e, f):
+        return f"{e[f]:.2f}" if f in e else "-"
+
+    for e in table:
+        lines.append(f"| {e['doc']} | {e['policy']} | {e['recall']} | {e['n']} | {e['accuracy']:.2f} "
+                     f"({e['ci95'][0]:.2f}-{e['ci95'][1]:.2f}) | {pct(e, 'hit')} | {pct(e, 'hit_bm25')} | "
+                     f"{pct(e, 'hit_attention')} | {pct(e, 'cited_gold')} | "
+                     f"{e.get('first_token_seconds', float('nan')):.2f} | {e['cut']} |")
+    (out / "books.md").write_text("\n".join(lines) + "\n")
+    plt = _plt()
+    alls = [e for e in table if e["doc"] == "all"]
+    if alls:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        names = [f"{e['policy']}\nrecall {e['recall']}" if e["policy"] in ("cascade", "sink") else e["policy"]
+                 for e in alls]
+        acc = [e["accuracy"] for e in alls]
+        err = [[a - e["ci95"][0] for a, e in zip(acc, alls)], [e["ci95"][1] - a for a, e in zip(acc, alls)]]
+        ax.bar(names, acc, yerr=err, color=["#999" if e["policy"] in ("none", "oracle") else "#3a6" for e in alls])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (95% CI)")
+        ax.set_title(f"Book QA ({model_id}, n={alls[0]['n']} per bar)")
+        fig.tight_layout()
+        fig.savefig(out / "books.png", dpi=110)
+        plt.close(fig)
+    return summary

@@ -1,0 +1,314 @@
+"""Recall: find the passages of the book that a question needs, so they can be re-read.
+
+The cascade is a lossy working memory; the book on disk is the long-term one. After reading, the
+document is cut into **passages** (about 100-300 tokens, never across a page or chapter, grouping
+short subtitle cues, breaking plain text at headings and blank lines) and indexed with SQLite FTS5
+(BM25 ranking, Porter stemming; the index lives in a file, is saved with a snapshot, and keeps
+RAM flat whatever the book's length). A question ranks passages two ways:
+
+- lexical: BM25 of the question's words over the passages;
+- attention: how much attention the question gave the cache slots that still hold tokens of each
+  passage (the model's own pointer into the book; it finds passages that share no words).
+
+Both rankings are fused by reciprocal rank (RRF, k = 60), and the best passages that fit the
+recall budget are re-read, in document order, right before the question.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+INDEX_VERSION = 1
+TARGET_TOKENS = 160  # a passage closes at the first line break past this many tokens
+MAX_TOKENS = 300  # a longer line is cut at sentence ends, then at spaces
+RRF_K = 60
+# Weight of each signal in the fusion. Measured on the book set (docs/eval.md): BM25 alone finds the
+# answer's passage far more often than attention alone, whose top passages are mostly the book's last
+# pages (recency); at 0.3 attention reorders passages BM25 also found and fills a budget BM25 leaves.
+FUSION = {"bm25": 1.0, "attention": 0.3}
+# a line that is a heading: "Chapter 12", "CHAPTER XII", "# Title", "Book II", "Part 3", "Psalm 23"
+HEADING = re.compile(r"^\s*(#{1,6}\s+\S.*|(chapter|book|part|section|psalm|act|scene|canto)\s+"
+                     r"([0-9]+|[ivxlcdm]+|[a-z]+)\b.{0,60})\s*$", re.IGNORECASE)
+_WORD = re.compile(r"\w+", re.UNICODE)
+STOPWORDS = frozenset("""a an and are as at be been but by did do does for from had has have he her him his how i in
+into is it its me my not of on or our she so that the their them then there these they this those to was we were
+what when where which who whom whose why will with would you your shall unto upon said also ye thee thou thy""".split())
+
+
+@dataclass
+class Passage:
+    id: int
+    label: str  # "p. 7", "ch. 3: The Storm", "00:01:41 Maya", "Chapter 12", "lines 40-52"
+    char_start: int  # in Document.text
+    char_end: int
+    token_start: int  # document tokens [token_start, token_end)
+    token_end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
+@dataclass
+class Recalled:
+    """One passage chosen for a question, with the evidence for it."""
+
+    passage: Passage
+    text: str
+    bm25_rank: int | None  # 1-based rank in each signal, None when that signal did not list it
+    bm25: float | None  # FTS5 bm25 (lower is better)
+    attention_rank: int | None
+    attention: float | None  # share of the question's attention over the document's slots
+    fused: float
+
+    def to_dict(self) -> dict:
+        p = self.passage
+        return {"label": p.label, "token_start": p.token_start, "token_end": p.token_end, "passage": p.id,
+                "bm25_rank": self.bm25_rank, "bm25": self.bm25, "attention_rank": self.attention_rank,
+                "attention": self.attention, "fused": round(self.fused, 5), "text": self.text}
+
+
+# ------------------------------------------------------------------ cutting a document into passages
+
+def _lines(text: str, start: int, end: int):
+    """(char_start, char_end) of each line of text[start:end], newline excluded."""
+    at = start
+    while at < end:
+        nl = text.find("\n", at, end)
+        stop = end if nl < 0 else nl
+        yield at, stop
+        at = stop + 1
+
+
+def _split_long(text: str, a: int, b: int, offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Cut one over-long line at sentence ends (else spaces) into pieces of <= MAX_TOKENS."""
+    out = []
+    while _ntok(offsets, a, b) > MAX_TOKENS:
+        # the char where MAX_TOKENS tokens end, then back to a sentence end or a space
+        t0 = int(np.searchsorted(offsets, a))
+        limit = int(offsets[min(t0 + MAX_TOKENS, len(offsets) - 1)])
+        cut = max(text.rfind(". ", a, limit), text.rfind("? ", a, limit), text.rfind("! ", a, limit))
+        cut = cut + 2 if cut > a + (limit - a) // 3 else max(text.rfind(" ", a, limit) + 1, a + 1)
+        if cut <= a or cut >= b:
+            break
+        out.append((a, cut))
+        a = cut
+    out.append((a, b))
+    return out
+
+
+def _ntok(offsets: np.ndarray, a: int, b: int) -> int:
+    return int(np.searchsorted(offsets, b) - np.searchsorted(offsets, a))
+
+
+def cut_passages(document, offsets: np.ndarray) -> list[Passage]:
+    """Passages aligned to the source map; `offsets` is SourceMap.offsets (char offset per doc token)."""
+    text = document.text
+    offsets = np.asarray(offsets, dtype=np.int64)
+    starts = document.segment_starts()
+    group_segments = document.kind in ("srt", "vtt")  # cues are short: several make one passage
+    plain = document.kind in ("txt", "md", "text")
+    passages: list[Passage] = []
+    heading = ""
+    line_no = 1  # plain text: 1-based line number of the line being placed
+    cur: list = []  # [char_start, char_end, label, first_line, last_line]
+
+    def close():
+        if cur and cur[1] > cur[0]:
+            label = cur[2] or (f"lines {cur[3]}-{cur[4]}" if cur[4] > cur[3] else f"line {cur[3]}")
+            if plain and cur[2] and cur[4] > cur[3]:
+                label = f"{cur[2]}, lines {cur[3]}-{cur[4]}"
+            t0, t1 = int(np.searchsorted(offsets, cur[0])), int(np.searchsorted(offsets, cur[1]))
+            if t1 > t0:
+                passages.append(Passage(len(passages), label, cur[0], cur[1], t0, t1))
+        cur.clear()
+
+    for k, seg in enumerate(document.segments):
+        s0, s1 = starts[k], starts[k] + len(seg.text)
+        if not group_segments or (cur and _ntok(offsets, cur[0], s1) > TARGET_TOKENS):
+            close()
+        for a, b in _lines(text, s0, s1):
+            if plain:
+                if HEADING.match(text[a:b]) and b - a < 90:
+                    close()
+                    heading = " ".join(text[a:b].lstrip("# ").split())
+                first = line_no
+                line_no += 1
+            else:
+                first = 0
+            if not text[a:b].strip():
+                if cur and _ntok(offsets, cur[0], cur[1]) >= TARGET_TOKENS // 2:
+                    close()  # a blank line ends a passage that is already half full
+                continue
+            for pa, pb in _split_long(text, a, b, offsets):
+                if cur and _ntok(offsets, cur[0], pb) > MAX_TOKENS:
+                    close()
+                if not cur:
+                    cur.extend([pa, pb, seg.label if not plain else heading, first, first])
+                cur[1], cur[4] = pb, first
+                if _ntok(offsets, cur[0], cur[1]) >= TARGET_TOKENS and not group_segments:
+                    close()
+        if plain:
+            line_no += 1  # the blank line between segments
+    close()
+    return passages
+
+
+# ------------------------------------------------------------------ the index (SQLite FTS5)
+
+def fts_query(question: str) -> str:
+    """An FTS5 OR-query of the question's content words (quoted, so no word is FTS syntax)."""
+    words = [w.lower() for w in _WORD.findall(question)]
+    keep = list(dict.fromkeys(w for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())))
+    return " OR ".join(f'"{w}"' for w in keep)
+
+
+class PassageIndex:
+    """Passages of one document with their BM25 index in an SQLite file (FTS5)."""
+
+    def __init__(self, path: Path, passages: list[Passage], owns_file: bool):
+        self.path, self.passages = Path(path), passages
+        self._starts = np.asarray([p.token_start for p in passages], dtype=np.int64)
+        self.con = sqlite3.connect(str(path), check_same_thread=False)
+        if owns_file:  # a temporary index goes away with the session
+            weakref.finalize(self, _remove, self.con, str(path))
+
+    # --- building ---
+    @classmethod
+    def build(cls, document, offsets: np.ndarray, folder: str | None = None) -> "PassageIndex":
+        passages = cut_passages(document, offsets)
+        fd, path = tempfile.mkstemp(prefix="cascade-index-", suffix=".sqlite", dir=folder)
+        os.close(fd)
+        index = cls(Path(path), passages, owns_file=True)
+        text = document.text
+        con = index.con
+        con.executescript("""
+            CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE passage(id INTEGER PRIMARY KEY, label TEXT, char_start INT, char_end INT,
+                                 token_start INT, token_end INT);
+            CREATE VIRTUAL TABLE passage_text USING fts5(text, tokenize='porter unicode61');""")
+        con.executemany("INSERT INTO passage VALUES (?,?,?,?,?,?)",
+                        [(p.id, p.label, p.char_start, p.char_end, p.token_start, p.token_end) for p in passages])
+        con.executemany("INSERT INTO passage_text(rowid, text) VALUES (?,?)",
+                        ((p.id, p.label + "\n" + text[p.char_start:p.char_end]) for p in passages))
+        con.executemany("INSERT INTO meta VALUES (?,?)", [
+            ("version", str(INDEX_VERSION)), ("document_sha256", document.sha256),
+            ("doc_tokens", str(len(offsets))), ("passages", str(len(passages)))])
+        con.commit()
+        return index
+
+    # --- snapshots ---
+    def save(self, path: Path) -> None:
+        dst = sqlite3.connect(str(path))
+        with dst:
+            self.con.backup(dst)
+        dst.close()
+
+    @classmethod
+    def open(cls, path: Path, document, doc_tokens: int) -> "PassageIndex":
+        """Open a saved index; a corrupt file or one made for another document is refused in one line."""
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            rows = con.execute("SELECT id, label, char_start, char_end, token_start, token_end FROM passage "
+                               "ORDER BY id").fetchall()
+            con.execute("SELECT count(*) FROM passage_text").fetchone()
+            con.close()
+        except sqlite3.Error as e:
+            raise UserError(f"{path}: corrupt passage index ({e})") from None
+        if meta.get("version") != str(INDEX_VERSION):
+            raise UserError(f"{path}: passage index version {meta.get('version')} is not supported")
+        if (meta.get("document_sha256") != document.sha256 or meta.get("doc_tokens") != str(doc_tokens)
+                or meta.get("passages") != str(len(rows))):
+            raise UserError(f"{path}: the passage index does not match the document")
+        passages = [Passage(*r) for r in rows]
+        if any(p.token_end > doc_tokens or p.char_end > len(document.text) for p in passages):
+            raise UserError(f"{path}: the passage index does not match the document")
+        index = cls(path, passages, owns_file=False)
+        index.con.close()
+        index.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        return index
+
+    def nbytes_on_disk(self) -> int:
+        return self.path.stat().st_size
+
+    # --- queries ---
+    def passage_of_token(self, doc_tokens: np.ndarray) -> np.ndarray:
+        """Passage id of each document token index (-1 for none). # same shape as doc_tokens"""
+        doc_tokens = np.asarray(doc_tokens, dtype=np.int64)
+        k = np.searchsorted(self._starts, doc_tokens, side="right") - 1
+        ok = (k >= 0) & (doc_tokens >= 0)
+        k = np.where(ok, k, 0)
+        ends = np.asarray([p.token_end for p in self.passages], dtype=np.int64)[k] if self.passages else k
+        return np.where(ok & (doc_tokens < ends), k, -1)
+
+    def text(self, passage: Passage) -> str:
+        row = self.con.execute("SELECT text FROM passage_text WHERE rowid = ?", (passage.id,)).fetchone()
+        return row[0].split("\n", 1)[1] if row else ""
+
+    def bm25(self, question: str, limit: int = 50) -> list[tuple[int, float]]:
+        """(passage id, bm25) best first; [] when no word of the question is in the book."""
+        query = fts_query(question)
+        if not query:
+            return []
+        rows = self.con.execute("SELECT rowid, bm25(passage_text) AS s FROM passage_text WHERE passage_text "
+                                "MATCH ? ORDER BY s LIMIT ?", (query, limit)).fetchall()
+        return [(int(r), float(s)) for r, s in rows]
+
+
+def _remove(con, path: str) -> None:
+    try:
+        con.close()
+    finally:
+        for p in (path, path + "-journal", path + "-wal"):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def attention_by_passage(index: PassageIndex, doc_tokens: np.ndarray, weights: np.ndarray) -> dict[int, float]:
+    """Sum the attention that slots holding document tokens got, per passage (shares summing to 1)."""
+    pid = index.passage_of_token(doc_tokens)
+    keep = pid >= 0
+    if not keep.any():
+        return {}
+    total = np.bincount(pid[keep], weights=weights[keep], minlength=len(index.passages))
+    norm = float(total.sum()) or 1.0
+    return {int(i): float(total[i]) / norm for i in np.flatnonzero(total)}
+
+
+def rank(index: PassageIndex, question: str, attention: dict[int, float] | None, budget: int,
+         tokens_of=lambda p: p.tokens + 8, limit: int = 50, lexical: bool = True) -> list[Recalled]:
+    """Fuse the BM25 and attention rankings (RRF) and take the best passages that fit `budget` tokens.
+
+    tokens_of(passage) is what re-reading it costs (its text and its label). Returns them in
+    document order, so the model re-reads the book as it is written.
+    """
+    lexical = index.bm25(question, limit) if lexical else []
+    by_attention = sorted((attention or {}).items(), key=lambda kv: -kv[1])[:limit]
+    fused: dict[int, float] = {}
+    for ranking, weight in ((lexical, FUSION["bm25"]), (by_attention, FUSION["attention"])):
+        for r, (pid, _) in enumerate(ranking, 1):
+            fused[pid] = fused.get(pid, 0.0) + weight / (RRF_K + r)
+    lex_rank = {pid: (r, s) for r, (pid, s) in enumerate(lexical, 1)}
+    att_rank = {pid: (r, s) for r, (pid, s) in enumerate(by_attention, 1)}
+    picked, used = [], 0
+    for pid in sorted(fused, key=lambda p: (-fused[p], p)):
+        p = index.passages[pid]
+        cost = tokens_of(p)
+        if used + cost > budget:
+            continue
+        used += cost
+        lr, ar = lex_rank.get(pid), att_rank.get(pid)
+        picked.append(Recalled(p, index.text(p), lr and lr[0], lr and round(lr[1], 4), ar and ar[0],
+                               ar and round(ar[1], 5), fused[pid]))
+    return sorted(picked, key=lambda r: r.passage.token_start)
