@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -142,8 +142,9 @@ def make_config(policy, window, cascades, sinks) -> CacheConfig:
             raise UserError(f"{name} must be a whole number, not {x}")
         return int(float(x))
 
-    return CacheConfig(policy=policy, window=whole(window, "window"), cascades=whole(cascades, "cascades"),
-                       sinks=whole(sinks, "sinks"))
+    auto = str(cascades).strip().lower() == "auto"
+    return CacheConfig(policy=policy, window=whole(window, "window"),
+                       cascades="auto" if auto else whole(cascades, "cascades"), sinks=whole(sinks, "sinks"))
 
 
 def check_stride(stride) -> int:
@@ -373,6 +374,7 @@ def ask(st: UserState, message, history, mode, max_new_tokens, temperature, requ
     if answer.stopped:
         content += "\n\n*(stopped)*"
     history[-1] = {"role": "assistant", "content": content}
+    history += views.recall_messages(answer)
     history += views.citation_messages(answer.citations)
     st.turns.append(views.answer_record(answer, mode))
     yield history, gr.skip()
@@ -381,7 +383,7 @@ def ask(st: UserState, message, history, mode, max_new_tokens, temperature, requ
 def clear_chat(st: UserState):
     st.turns = []
     if st.session is not None:
-        st.session.conversation = None  # "continue" starts again from the document (no engine reset method)
+        st.session.reset_conversation()  # "continue" starts again from the document
     return []
 
 
@@ -574,14 +576,14 @@ def load_snapshot(st: UserState, name, request: gr.Request = None):
     st.session, st.turns = session, []
     st.retention = session_retention(session)
     return (f"✓ Loaded **{name}**: ask away (settings below now match the snapshot).", views.facts_markdown(session),
-            live_map(st), spec, config.policy, config.window, config.cascades, config.sinks, session.stride, [],
+            live_map(st), spec, config.policy, config.window, str(config.cascades), config.sinks, session.stride, [],
             *_retention_controls(st))
 
 
 def delete_snapshot(name):
     if not name:
         return "⚠ Pick a snapshot.", gr.skip()
-    for ext in (".json", ".safetensors"):
+    for ext in (".json", ".safetensors", ".index.sqlite"):
         (snapshot_dir() / f"{name}{ext}").unlink(missing_ok=True)
     return f"Deleted **{name}**.", gr.update(choices=snapshot_choices(), value=None)
 
@@ -620,11 +622,14 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                                       info="cascade: sparse long memory · sink: sinks + recent window · full: keep all")
                     with gr.Row():
                         window = gr.Number(d.window, label="window (slots)", precision=0, elem_id="window")
-                        cascades = gr.Number(d.cascades, label="cascades", precision=0, elem_id="cascades")
+                        cascades = gr.Textbox("auto", label="cascades (a number, or auto)", max_lines=1,
+                                              elem_id="cascades",
+                                              info="auto: the fewest whose span covers the document")
                     with gr.Row():
                         sinks = gr.Number(d.sinks, label="sinks", precision=0, elem_id="sinks")
                         stride = gr.Number(512, label="stride (tokens per chunk)", precision=0, elem_id="stride")
-                    settings_msg = gr.Markdown(views.settings_note(d, 512), elem_id="settings-msg")
+                    settings_msg = gr.Markdown(views.settings_note(replace(d, cascades="auto"), 512),
+                                               elem_id="settings-msg")
                     with gr.Row():
                         max_new = gr.Slider(8, 1024, value=256, step=8, label="answer tokens",
                                             elem_id="max-new")

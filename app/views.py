@@ -256,6 +256,9 @@ def facts_markdown(session) -> str:
 def settings_note(config, stride: int) -> str:
     if config.slots is None:
         return f"✓ full cache: keeps every token (memory grows with the document) · stride {stride}"
+    if config.cascades == "auto":
+        return (f"✓ {config.slots:,} slots per layer ({config.sinks} sinks + {config.window:,} window); cascades: "
+                f"the fewest whose span covers the document, chosen when it is read · stride {stride}")
     return (f"✓ {config.slots:,} slots per layer ({config.sinks} sinks + {config.window:,} window"
             f"{f', {config.effective_cascades} cascades of {config.cascade_slots:,}' if config.policy == 'cascade' else ''}"
             f") · spans about {config.span:,} tokens · stride {stride}")
@@ -272,9 +275,25 @@ def citation_messages(citations) -> list[dict]:
     return out
 
 
+def recall_messages(answer) -> list[dict]:
+    """One collapsible message listing the passages re-read for the answer (or why none were)."""
+    if not answer.recalled:
+        note = answer.recall_note or "no passage was recalled"
+        return [{"role": "assistant", "content": f"*{note}; the answer comes from the cache's memory alone.*",
+                 "metadata": {"title": "Recalled passages: none", "status": "done"}}]
+    parts = [f"**[{p['label']}]** ({p['token_end'] - p['token_start']} tokens)\n\n> "
+             + html.escape(" ".join(p["text"].split()))[:600] for p in answer.recalled]
+    labels = ", ".join(p["label"] for p in answer.recalled)
+    note = f"\n\n*{answer.dropped_turns} earlier turn(s) no longer fit the conversation budget and were left out.*" \
+        if answer.dropped_turns else ""
+    return [{"role": "assistant", "content": "\n\n".join(parts) + note,
+             "metadata": {"title": f"Recalled passages: {labels}", "status": "done"}}]
+
+
 def answer_record(answer, mode: str) -> dict:
     return {"question": answer.question, "answer": answer.text, "mode": mode, "tokens": answer.tokens,
             "seconds": round(answer.seconds, 3), "stopped": answer.stopped,
+            "recalled": [{k: p[k] for k in ("label", "token_start", "token_end")} for p in answer.recalled],
             "citations": [{"label": c.label, "excerpt": c.excerpt, "token": c.token, "weight": round(c.weight, 4)}
                           for c in answer.citations]}
 

@@ -58,7 +58,7 @@ def worker(args: dict) -> dict:
     ids = bench_tokens(loaded.tokenizer, args["length"])
     policy = args["policy"]
     config = CacheConfig(policy="sink" if policy == "ceiling" else policy, sinks=args["sinks"],
-                         window=args["window"], cascades=args["cascades"])
+                         window=args["window"], cascades=args["cascades"]).resolve(args["length"])
     engine = Engine(loaded, config, stride=args["stride"])
     if policy == "ceiling":
         AttentionInterface.register("skip", _skip_attention)

@@ -25,7 +25,8 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2 (default), a model folder, a .gguf file or a hub id")
     p.add_argument("--policy", default=d.policy, choices=["cascade", "sink", "full"])
     p.add_argument("--window", type=int, default=d.window, help="non-sink slots per layer")
-    p.add_argument("--cascades", type=int, default=d.cascades)
+    p.add_argument("--cascades", type=cascades_arg, default="auto",
+                   help="cascades, or auto (default): the fewest whose span covers the document")
     p.add_argument("--sinks", type=int, default=d.sinks)
     p.add_argument("--beta", type=float, default=d.beta, help="EMA factor of attention scores")
     p.add_argument("--stride", type=int, default=512, help="tokens per chunk while reading")
@@ -35,6 +36,35 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
                    help="prompt format (default: chat if the model has a chat template)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 where the CPU has native bf16 (about 2x faster), else float32")
+
+
+def cascades_arg(text: str):
+    from .evaluate import cascades_arg as parse
+
+    return parse(text)
+
+
+def add_answer_options(p: argparse.ArgumentParser) -> None:
+    from .session import AnswerSettings
+
+    d = AnswerSettings()
+    p.add_argument("--recall", choices=["on", "off"], default="on",
+                   help="re-read the passages the question needs before answering (default on)")
+    p.add_argument("--recall-tokens", type=int, default=d.recall_tokens, help="recall budget in tokens")
+    p.add_argument("--memory-in-answer", action="store_true",
+                   help="keep the cascade memory in view while answering from recalled passages")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="penalty on tokens the answer already used (1 = off)")
+    p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
+                   help="forbid repeating any n-gram of this size within an answer (0 = off)")
+
+
+def answer_settings(args):
+    from .session import AnswerSettings
+
+    return AnswerSettings(recall=args.recall == "on", recall_tokens=args.recall_tokens,
+                          repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                          memory_in_answer=args.memory_in_answer)
 
 
 def cache_config(args):
@@ -63,11 +93,18 @@ def open_session(args, read: bool = True):
     from .session import ReadingSession
 
     config = cache_config(args)  # validate options before the slow model load
+    answering = answer_settings(args)
     if args.stride < 1:
         raise UserError(f"stride must be >= 1, not {args.stride}")
+    if getattr(args, "max_new_tokens", 1) < 1:
+        raise UserError(f"max-new-tokens must be >= 1, not {args.max_new_tokens}")
+    if getattr(args, "temperature", 0.0) < 0:
+        raise UserError(f"temperature must be >= 0, not {args.temperature}")
+    if getattr(args, "question", None) is not None and not args.question.strip():
+        raise UserError("the question is empty")
     document = None if args.load else documents.load_document(args.doc)
     loaded = load(args, _say)
-    session = ReadingSession(loaded, config, stride=args.stride, prompt=args.prompt)
+    session = ReadingSession(loaded, config, stride=args.stride, prompt=args.prompt, answering=answering)
     if args.load:
         session.load(args.load)
         return session
@@ -114,6 +151,12 @@ def result_json(session, answer, extra: dict | None = None) -> dict:
         "cache_mb": round(session.budget()["cache_mb"], 2), "policy": session.config.policy,
         "window": session.config.window, "cascades": session.config.cascades, "sinks": session.config.sinks,
         "stride": session.stride, "model": session.loaded.model_id, "prompt": session.format.name,
+        "first_token_seconds": answer.first_token_seconds and round(answer.first_token_seconds, 3),
+        "cut_by_token_limit": answer.cut,
+        "recall": {"on": session.answering.recall and session.index is not None,
+                   "budget_tokens": session.answering.recall_tokens, "note": answer.recall_note,
+                   "index_mb": round(session.index.nbytes_on_disk() / 2 ** 20, 3) if session.index else None,
+                   "passages": answer.recalled},
         "citations": [c.__dict__ for c in answer.citations],
     }
     out.update(extra or {})
@@ -134,9 +177,13 @@ def cmd_ask(args) -> int:
     answer = session.answers[-1]
     if args.json:
         print(json.dumps(result_json(session, answer)))
-    elif answer.citations:
-        for c in answer.citations:
-            print(f"  [{c.label or 'token ' + str(c.token)}] {c.excerpt!r}", file=sys.stderr)
+        return 0
+    if answer.recall_note:
+        print(f"  ({answer.recall_note})", file=sys.stderr)
+    if answer.recalled:
+        print("  recalled: " + ", ".join(p["label"] for p in answer.recalled), file=sys.stderr)
+    for c in answer.citations:
+        print(f"  [{c.label or 'token ' + str(c.token)}] {c.excerpt!r}", file=sys.stderr)
     return 0
 
 
@@ -210,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--mode", choices=["cache", "sections"], default="cache")
         add_cache_options(p)
+        add_answer_options(p)
         p.add_argument("--max-new-tokens", type=int, default=256 if name == "ask" else 300)
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .evaluate import Results, _plt, _say, _settings
+from .evaluate import Results, _plt, _say, _settings, qa_defaults
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "assets" / "eval" / "books_qa.json"
 
@@ -103,6 +103,7 @@ def run_books(args) -> dict:
     from .memory import freeze
     from .session import AnswerSettings, ReadingSession
 
+    qa_defaults(args)
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
     prompt = args.prompt or loaded.prompt_format

@@ -82,7 +82,7 @@ def add_arguments(parser) -> None:
                                 "auto, stride 512)")
             p.add_argument("--recall", nargs="+", choices=["on", "off"], default=None,
                            help="recall settings to run (synthetic: off; books: on off)")
-            p.add_argument("--recall-tokens", type=int, default=1024, help="recall budget (tokens)")
+            p.add_argument("--recall-tokens", type=int, default=384, help="recall budget (tokens)")
             p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
             p.add_argument("--limit", type=int, default=None, help="books: first N questions per book")
             p.add_argument("--references", nargs="+", choices=["none", "oracle"], default=["none", "oracle"],
@@ -633,9 +633,19 @@ def qa_draw(seed: int, length: int, band: int, sample: int, facts: int) -> tuple
     return [rng.uniform(lo, hi)] + [rng.random() for _ in range(facts - 1)], rng
 
 
+def qa_defaults(args) -> None:
+    """Fill the qa options left unset with the defaults of its --set."""
+    books = getattr(args, "set", "synthetic") == "books"
+    for field, synthetic, book in (("window", 256, 2048), ("cascades", 4, "auto"), ("stride", 256, 512),
+                                   ("new_tokens", 24, 48), ("recall", ["off"], ["on", "off"])):
+        if getattr(args, field, None) is None:
+            setattr(args, field, book if books else synthetic)
+
+
 def run_qa(args) -> dict:
     from . import models
 
+    qa_defaults(args)
     _check_args(args)
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
     for recall in args.recall:
@@ -785,12 +795,7 @@ def _bars(series: dict[str, list], labels: list[str], path, title):
 def main(args) -> int:
     name = args.task
     if args.task == "qa":
-        books = args.set == "books"
-        for field, synthetic, book in (("window", 256, 2048), ("cascades", 4, "auto"), ("stride", 256, 512),
-                                       ("new_tokens", 24, 48), ("recall", ["off"], ["on", "off"])):
-            if getattr(args, field) is None:
-                setattr(args, field, book if books else synthetic)
-        if books:
+        if args.set == "books":
             from .eval_books import run_books
 
             run_books(args)

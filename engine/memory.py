@@ -98,6 +98,15 @@ class FrozenMemory(KVCache):
         self.tail = min(self.tail, tail)
         self.seen = self.doc_seen + self.tail
 
+    def hide_document(self, keep: int) -> None:
+        """Mask every document slot after the first `keep` (the sinks) from attention, tail untouched.
+
+        Used when recalled passages carry the answer: a small model reads a detail from a short clean
+        context far better than from the cascade's sparse sketch beside it (docs/eval.md).
+        """
+        self.doc_valid = self.doc_valid.clone()
+        self.doc_valid[keep:] = False
+
     def reset_scores(self) -> None:
         for s in self.score:
             s.zero_()

@@ -81,7 +81,7 @@ def shot(page, name):
 
 
 def set_number(page, elem_id, value):
-    box = page.locator(f"#{elem_id} input[type=number]").first
+    box = page.locator(f"#{elem_id} input[type=number], #{elem_id} textarea, #{elem_id} input[type=text]").first
     box.fill(value)
     box.press("Tab")
 
@@ -173,8 +173,9 @@ def test_read_ask_cite_retention_export_snapshot(app_url, browser, tmp_path):
     lens = page.evaluate("window.__lens")
     assert len(set(lens)) >= 4, f"the answer did not stream: {lens}"
     chat = page.inner_text("#chat")
-    answer = chat.split("What is the name of the lighthouse keeper?", 1)[1].split("Source:", 1)[0].strip()
+    answer = chat.split("What is the name of the lighthouse keeper?", 1)[1].split("Recalled passages", 1)[0].strip()
     assert answer, chat
+    assert re.search(r"Recalled passages: p\. [123]", chat), chat  # the re-read passages, by page
     assert re.search(r"Source: p\. [123] ·", chat), chat
     page.locator("#chat :text('Source: p.')").first.click()  # expand: the passage shows
     page.wait_for_selector("#chat :text('document token')", timeout=10_000)

@@ -1,0 +1,284 @@
+"""Recall: passages, the FTS5 index, the frozen document memory, cascades auto, and the real path."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import reference_logits
+from engine import documents, recall
+from engine.cache import CacheConfig
+from engine.corpus import kjv_verses
+from engine.errors import UserError
+from engine.memory import freeze
+from engine.runtime import Engine
+
+
+def char_offsets(text: str) -> np.ndarray:
+    """A stand-in source map: one 'token' per 4 characters (the real one comes from the tokenizer)."""
+    return np.arange(0, len(text), 4, dtype=np.int64)
+
+
+def exodus_text(chapters: int = 40) -> str:
+    lines, last = [], None
+    for v in kjv_verses():
+        if v.book != "Exodus" or v.chapter > chapters:
+            continue
+        if v.chapter != last:
+            lines.append(f"\nChapter {v.chapter}")
+            last = v.chapter
+        lines.append(f"{v.verse} {v.text}")
+    return "\n".join(lines).strip() + "\n"
+
+
+# ------------------------------------------------------------------ passages
+
+def test_passages_follow_pages_and_cover_the_document_in_order():
+    pages = [documents.Segment(exodus_text(3)[i * 3000:(i + 1) * 3000].strip(), f"p. {i + 1}", {"page": i + 1})
+             for i in range(3)]
+    doc = documents.Document(None, "pdf", "three pages", pages, "x")
+    offsets = char_offsets(doc.text)
+    ps = recall.cut_passages(doc, offsets)
+    starts = doc.segment_starts()
+    assert [p.label for p in ps][0] == "p. 1" and {p.label for p in ps} == {"p. 1", "p. 2", "p. 3"}
+    for p in ps:  # never across a page, labelled by the page that holds it, short
+        k = int(np.searchsorted(starts, p.char_start, side="right") - 1)
+        assert p.char_end <= starts[k] + len(pages[k].text) and p.label == pages[k].label
+        assert 0 < p.tokens <= recall.MAX_TOKENS
+    assert all(a.token_end <= b.token_start for a, b in zip(ps, ps[1:]))
+    covered = sum(p.tokens for p in ps)
+    assert covered >= 0.97 * len(offsets)  # only blank lines fall between passages
+
+
+def test_plain_text_gets_chapter_and_line_labels():
+    text = "Preface line one.\nPreface line two.\n\n" + exodus_text(2)
+    doc = documents.document_from_text(text, "exodus")
+    ps = recall.cut_passages(doc, char_offsets(doc.text))
+    assert ps[0].label.startswith("line")  # before any heading: line numbers
+    assert any(p.label.startswith("Chapter 2, lines") for p in ps)
+    # a passage labelled "Chapter 2, lines a-b" really starts on line a
+    p = next(p for p in ps if p.label.startswith("Chapter 2"))
+    first = int(p.label.split("lines ")[1].split("-")[0])
+    assert text.split("\n")[first - 1].strip() == doc.text[p.char_start:p.char_end].split("\n")[0].strip()
+
+
+def test_subtitle_cues_are_grouped_and_keep_the_first_cue_label():
+    cues = [documents.Segment(f"[00:00:{i:02d}] Maya: line {i} about the migration", f"00:00:{i:02d} Maya",
+                              {"start": f"00:00:{i:02d}.000"}) for i in range(60)]
+    doc = documents.Document(None, "srt", "meeting", cues, "y")
+    ps = recall.cut_passages(doc, char_offsets(doc.text))
+    assert 1 < len(ps) < 60 and ps[0].label == "00:00:00 Maya"
+    assert all(p.tokens <= recall.MAX_TOKENS for p in ps)
+
+
+# ------------------------------------------------------------------ the index
+
+@pytest.fixture()
+def index():
+    doc = documents.document_from_text(exodus_text(), "Exodus")
+    return doc, recall.PassageIndex.build(doc, char_offsets(doc.text))
+
+
+def test_bm25_finds_the_passage_with_the_answer(index):
+    doc, idx = index
+    top = idx.bm25("Who was the priest of Midian, the father-in-law of Moses?", limit=5)
+    texts = [idx.text(idx.passages[pid]) for pid, _ in top]
+    assert any("Jethro" in t for t in texts[:3])
+    assert idx.bm25("zzzz qqqq") == [] and recall.fts_query("the of and") == ""
+    picked = recall.rank(idx, "shittim wood ark", None, budget=400)
+    assert picked and sum(p.passage.tokens + 8 for p in picked) <= 400
+    assert [p.passage.token_start for p in picked] == sorted(p.passage.token_start for p in picked)
+
+
+def test_fts_query_is_safe_for_any_question(index):
+    _, idx = index
+    for q in ['"unbalanced', "NEAR(a b)", "a* OR -b", "col:value", "Moses' rod?"]:
+        idx.bm25(q)  # no FTS5 syntax error whatever the user types
+
+
+def test_index_saves_and_refuses_the_wrong_document_or_a_corrupt_file(index, tmp_path):
+    doc, idx = index
+    path = tmp_path / "i.sqlite"
+    idx.save(path)
+    again = recall.PassageIndex.open(path, doc, len(char_offsets(doc.text)))
+    assert [p.label for p in again.passages] == [p.label for p in idx.passages]
+    assert again.bm25("Jethro") == idx.bm25("Jethro")
+    other = documents.document_from_text(doc.text + "more", "other")
+    with pytest.raises(UserError, match="does not match the document"):
+        recall.PassageIndex.open(path, other, len(char_offsets(doc.text)))
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 20)
+    with pytest.raises(UserError, match="corrupt passage index"):
+        recall.PassageIndex.open(junk, doc, len(char_offsets(doc.text)))
+
+
+# ------------------------------------------------------------------ cascades auto
+
+def test_cascades_auto_spans_the_document():
+    auto = CacheConfig(sinks=64, window=2048, cascades="auto")
+    assert auto.resolve(2000).cascades == 1  # fits: one cascade (a sink cache)
+    for n in (5000, 20_000, 100_000, 1_048_576):
+        c = auto.resolve(n)
+        assert c.span >= n and 2048 % c.cascades == 0
+        smaller = [k for k in range(1, c.cascades) if 2048 % k == 0]
+        assert all(64 + (2048 // k) * (2 ** k - 1) < n for k in smaller)  # the fewest that span it
+    assert CacheConfig(policy="sink", cascades="auto").resolve(10**6).effective_cascades == 1
+    with pytest.raises(UserError):
+        CacheConfig(cascades="many")
+
+
+# ------------------------------------------------------------------ frozen memory (tiny random model)
+
+@pytest.mark.parametrize("policy", ["cascade", "full"])
+def test_frozen_memory_reads_a_tail_exactly_and_leaves_the_document_alone(tiny_llama, policy):
+    ids = torch.randint(0, 257, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    tail = torch.randint(0, 257, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    engine = Engine(tiny_llama, CacheConfig(policy=policy, sinks=4, window=256, cascades=4), stride=64)
+    doc = engine.new_cache()
+    engine.read([ids], doc)
+    before = {k: v.clone() for k, v in doc.state().items()}
+    frozen = freeze(doc, tail_slots=64)
+    got = torch.cat([engine.forward(torch.tensor([tail[i:i + 16]]), frozen, logits="all") for i in range(0, 40, 16)], 1)
+    want = reference_logits(tiny_llama, ids + tail)[:, 200:]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()  # nothing evicted: plain attention
+    assert all(torch.equal(v, doc.state()[k]) for k, v in before.items())  # the document memory is frozen
+    assert frozen.tail == 40 and frozen.doc_span == doc.n_valid and frozen.n_doc == doc.slot_positions()[0].numel()
+    with pytest.raises(UserError, match="answer memory is full"):
+        engine.forward(torch.tensor([tail]), frozen)  # 40 more do not fit the 64-slot tail
+
+
+def test_frozen_memory_scores_are_fixed_size_and_hide_document_masks(tiny_llama):
+    ids = torch.randint(0, 257, (500,), generator=torch.Generator().manual_seed(5)).tolist()
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=64, cascades=4), stride=64)
+    doc = engine.new_cache()
+    engine.read([ids], doc)
+    frozen = freeze(doc, tail_slots=300)
+    sizes = []
+    for t in range(200):  # a long answer: the score sums never grow
+        engine.forward(torch.tensor([[t % 257]]), frozen)
+        sizes.append(sum(s.numel() for s in frozen.score))
+    assert len(set(sizes)) == 1
+    score, pos = frozen.slot_scores()
+    assert score.shape == pos.shape and score[..., : frozen.n_doc].sum() > 0
+    frozen.truncate(0)
+    frozen.reset_scores()
+    frozen.hide_document(keep=4)
+    engine.forward(torch.tensor([[1, 2, 3]]), frozen)
+    score, _ = frozen.slot_scores()
+    assert float(score[..., 4: frozen.n_doc].abs().sum()) == 0.0  # masked slots get no attention
+    assert float(score[..., :4].sum()) > 0
+
+
+# ------------------------------------------------------------------ the real path
+
+
+
+def planted_book() -> tuple[str, str]:
+    """About 9k tokens of Exodus with one invented fact early on (a name no model can know)."""
+    text = exodus_text(12)
+    fact = "And the keeper of the royal granary was a man named Zorabel, the son of Hanoch.\n"
+    cut = text.index("Chapter 3")
+    return text[:cut] + fact + text[cut:], "Zorabel"
+
+
+@pytest.fixture(scope="module")
+def book_session(smollm2):
+    from engine.session import ReadingSession
+
+    text, name = planted_book()
+    session = ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512)
+    session.read(documents.document_from_text(text, "planted"))
+    return session, name
+
+
+@pytest.mark.real_model
+def test_recall_answers_a_detail_the_cascade_lost(book_session):
+    session, name = book_session
+    assert session.config.cascades > 1 and session.config.span >= session.read_result.doc_tokens
+    held = session.retention()["positions"]
+    fact_token = int(np.searchsorted(session.source_map.offsets, session.source_map.text.index(name)))
+    assert not (held == fact_token).any()  # the cascade no longer holds the name itself
+    answer = "".join(session.ask("Who was the keeper of the royal granary?", max_new_tokens=24))
+    a = session.answers[-1]
+    assert name in answer
+    assert a.recalled and any(name in p["text"] for p in a.recalled)
+    assert a.citations and a.citations[0].source == "recalled" and name in a.citations[0].excerpt
+    off = "".join(session.ask("Who was the keeper of the royal granary?", max_new_tokens=24, recall_on=False))
+    assert name not in off and session.answers[-1].recall_note == "recall is off"
+
+
+@pytest.mark.real_model
+def test_questions_never_erode_the_document_memory(book_session):
+    session, _ = book_session
+    before = {k: v.clone() for k, v in session.doc_cache.state().items()}
+    for q in ("Who was the keeper of the royal granary?", "What did Moses see in the bush?"):
+        "".join(session.ask(q, max_new_tokens=16))
+    assert all(torch.equal(v, session.doc_cache.state()[k]) for k, v in before.items())
+    "".join(session.ask("Who was his father?", max_new_tokens=16, continue_conversation=True))
+    assert len(session.turns) == 1
+    session.reset_conversation()
+    assert session.turns == []
+
+
+@pytest.mark.real_model
+def test_no_matching_passage_is_said(book_session):
+    session, _ = book_session
+    "".join(session.ask("Xylophone quantum zebra?", max_new_tokens=8))
+    a = session.answers[-1]
+    assert a.recalled == [] or all(p["bm25_rank"] is None for p in a.recalled)
+    if not a.recalled:
+        assert "no passage was recalled" in a.recall_note
+
+
+@pytest.mark.real_model
+def test_snapshot_keeps_the_index_and_old_ones_load_with_recall_off(book_session, smollm2, tmp_path):
+    from engine.session import ReadingSession
+
+    session, name = book_session
+    base = session.save(tmp_path / "snap")
+    assert (tmp_path / "snap.index.sqlite").exists()
+    loaded = ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512)
+    loaded.load(base)
+    q = "Who was the keeper of the royal granary?"
+    assert "".join(loaded.ask(q, max_new_tokens=24)) == "".join(session.ask(q, max_new_tokens=24))
+    assert [p["label"] for p in loaded.answers[-1].recalled] == [p["label"] for p in session.answers[-1].recalled]
+    # an index for another document (or a damaged one) is refused in one line
+    con = sqlite3.connect(tmp_path / "snap.index.sqlite")
+    con.execute("UPDATE meta SET value = 'nope' WHERE key = 'document_sha256'")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match="does not match the document"):
+        ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512).load(base)
+    # an older snapshot: no index file, no "index" in the manifest
+    (tmp_path / "snap.index.sqlite").unlink()
+    man = json.loads((tmp_path / "snap.json").read_text())
+    man.pop("index")
+    (tmp_path / "snap.json").write_text(json.dumps(man))
+    old = ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512)
+    old.load(base)
+    "".join(old.ask(q, max_new_tokens=8))
+    assert old.answers[-1].recalled == [] and "older format" in old.answers[-1].recall_note
+
+
+@pytest.mark.real_model
+def test_cli_json_lists_recalled_passages_and_citations(tmp_path):
+    text, name = planted_book()
+    doc = tmp_path / "book.txt"
+    doc.write_text(text)
+    out = subprocess.run([sys.executable, "-m", "engine", "ask", str(doc), "-q", "Who was the keeper of the royal "
+                          "granary?", "--window", "512", "--max-new-tokens", "24", "--json", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["recall"]["on"] and res["recall"]["passages"] and res["cascades"] > 1
+    assert any(name in p["text"] for p in res["recall"]["passages"])
+    p = res["recall"]["passages"][0]
+    assert {"label", "token_start", "token_end", "bm25_rank", "attention_rank", "text"} <= set(p)
+    assert res["citations"] and name in res["answer"]
+    bad = subprocess.run([sys.executable, "-m", "engine", "ask", str(doc), "-q", "  ", "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "question is empty" in bad.stderr
