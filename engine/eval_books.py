@@ -103,6 +103,8 @@ def run_books(args) -> dict:
     from .memory import freeze
     from .session import AnswerSettings, ReadingSession
 
+    from . import recall as rc
+
     qa_defaults(args)
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
@@ -110,7 +112,8 @@ def run_books(args) -> dict:
     out = Path(args.out)
     results = Results(out / "books.jsonl")
     settings = _settings(args, loaded, "books", prompt=prompt, new_tokens=args.new_tokens,
-                         cascades=args.cascades, recall_tokens=args.recall_tokens)
+                         cascades=args.cascades, recall_tokens=args.recall_tokens,
+                         attention_weight=rc.FUSION["attention"])
     if args.bible:
         groups = {"Bible": [dict(q, doc="Bible") for q in data["bible"]]}
     else:
@@ -155,8 +158,6 @@ def run_books(args) -> dict:
                 if r == "on":  # how each signal alone would have done, for the ablation table
                     cache = freeze(session.doc_cache, session.answering.question_tokens + 96)
                     attention = session.passage_attention(it["question"], cache)
-                    from . import recall as rc
-
                     for name, kw in (("bm25", dict(attention=None)), ("attention", dict(lexical=False))):
                         picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
                                          args.recall_tokens, tokens_of=session.recall_cost,

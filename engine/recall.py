@@ -33,11 +33,12 @@ TARGET_TOKENS = 160  # a passage closes at the first line break past this many t
 MAX_TOKENS = 300  # a longer line is cut at sentence ends, then at spaces
 RRF_K = 60
 # Weight of each signal in the fusion. Measured on Exodus (docs/eval.md): BM25 alone put the answer's
-# passage in the recall budget 12/12 times, the question's attention alone 0/8 (its top passages are
-# the book's last pages: recency), and equal-weight fusion 2/8, weight 0.3 9/12. At 0.1 attention
-# only reorders passages BM25 ranks alike and fills a budget BM25 leaves, and still finds passages
-# for a question that shares no word with the book.
-FUSION = {"bm25": 1.0, "attention": 0.1}
+# passage in the recall budget 16/16 times, the question's attention alone 0/16 (its top passages are
+# the book's last pages: recency); equal-weight fusion 2/8, weight 0.3 9/12, 0.1 13/16, because a
+# passage both signals like overtakes BM25's first. At 0.01 attention cannot reorder BM25's top ranks
+# (1/61 - 1/62 > 0.01/61); it breaks ties deeper down and it alone ranks passages for a question that
+# shares no word with the book.
+FUSION = {"bm25": 1.0, "attention": 0.01}
 # a line that is a heading: "Chapter 12", "CHAPTER XII", "# Title", "Book II", "Part 3", "Psalm 23"
 HEADING = re.compile(r"^\s*(#{1,6}\s+\S.*|(chapter|book|part|section|psalm|act|scene|canto)\s+"
                      r"([0-9]+|[ivxlcdm]+|[a-z]+)\b.{0,60})\s*$", re.IGNORECASE)
