@@ -18,6 +18,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def cascades_arg(text: str) -> int | str:
+    """A --cascades option: an integer or 'auto' (argparse prints the error in one line)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', not {text!r}") from None
+
+
 def add_cache_options(p: argparse.ArgumentParser) -> None:
     from .cache import CacheConfig
 
@@ -36,12 +46,6 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
                    help="prompt format (default: chat if the model has a chat template)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 where the CPU has native bf16 (about 2x faster), else float32")
-
-
-def cascades_arg(text: str):
-    from .evaluate import cascades_arg as parse
-
-    return parse(text)
 
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .cache import POLICIES, CacheConfig
+from .cli import cascades_arg
 from .errors import UserError
 
 FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -90,15 +91,6 @@ def add_arguments(parser) -> None:
             p.add_argument("--bible", action="store_true",
                            help="books: the whole KJV (~1M tokens) as one document, with the set's Bible questions")
 
-
-def cascades_arg(text: str):
-    """--cascades: a positive integer or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"--cascades must be an integer or 'auto', not {text!r}") from None
 
 
 def _check_args(args) -> None:

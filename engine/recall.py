@@ -179,10 +179,10 @@ def fts_query(question: str) -> str:
 class PassageIndex:
     """Passages of one document with their BM25 index in an SQLite file (FTS5)."""
 
-    def __init__(self, path: Path, passages: list[Passage], owns_file: bool):
-        self.path, self.passages = Path(path), passages
+    def __init__(self, path: Path, passages: list[Passage], con: sqlite3.Connection, owns_file: bool):
+        self.path, self.passages, self.con = Path(path), passages, con
         self._starts = np.asarray([p.token_start for p in passages], dtype=np.int64)
-        self.con = sqlite3.connect(str(path), check_same_thread=False)
+        self._ends = np.asarray([p.token_end for p in passages], dtype=np.int64)
         if owns_file:  # a temporary index goes away with the session
             weakref.finalize(self, _remove, self.con, str(path))
 
@@ -192,9 +192,9 @@ class PassageIndex:
         passages = cut_passages(document, offsets)
         fd, path = tempfile.mkstemp(prefix="cascade-index-", suffix=".sqlite", dir=folder)
         os.close(fd)
-        index = cls(Path(path), passages, owns_file=True)
+        con = sqlite3.connect(path, check_same_thread=False)
+        index = cls(Path(path), passages, con, owns_file=True)
         text = document.text
-        con = index.con
         con.executescript("""
             CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
             CREATE TABLE passage(id INTEGER PRIMARY KEY, label TEXT, char_start INT, char_end INT,
@@ -220,27 +220,27 @@ class PassageIndex:
     @classmethod
     def open(cls, path: Path, document, doc_tokens: int) -> "PassageIndex":
         """Open a saved index; a corrupt file or one made for another document is refused in one line."""
+        con = None
         try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
             meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
             rows = con.execute("SELECT id, label, char_start, char_end, token_start, token_end FROM passage "
                                "ORDER BY id").fetchall()
             con.execute("SELECT count(*) FROM passage_text").fetchone()
-            con.close()
-        except sqlite3.Error as e:
+            if meta.get("version") != str(INDEX_VERSION):
+                raise UserError(f"{path}: passage index version {meta.get('version')} is not supported")
+            passages = [Passage(*r) for r in rows]
+            if (meta.get("document_sha256") != document.sha256 or meta.get("doc_tokens") != str(doc_tokens)
+                    or meta.get("passages") != str(len(rows))
+                    or any(p.token_end > doc_tokens or p.char_end > len(document.text) for p in passages)):
+                raise UserError(f"{path}: the passage index does not match the document")
+        except (sqlite3.Error, UserError) as e:
+            if con is not None:
+                con.close()
+            if isinstance(e, UserError):
+                raise
             raise UserError(f"{path}: corrupt passage index ({e})") from None
-        if meta.get("version") != str(INDEX_VERSION):
-            raise UserError(f"{path}: passage index version {meta.get('version')} is not supported")
-        if (meta.get("document_sha256") != document.sha256 or meta.get("doc_tokens") != str(doc_tokens)
-                or meta.get("passages") != str(len(rows))):
-            raise UserError(f"{path}: the passage index does not match the document")
-        passages = [Passage(*r) for r in rows]
-        if any(p.token_end > doc_tokens or p.char_end > len(document.text) for p in passages):
-            raise UserError(f"{path}: the passage index does not match the document")
-        index = cls(path, passages, owns_file=False)
-        index.con.close()
-        index.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        return index
+        return cls(path, passages, con, owns_file=False)
 
     def nbytes_on_disk(self) -> int:
         return self.path.stat().st_size
@@ -252,7 +252,7 @@ class PassageIndex:
         k = np.searchsorted(self._starts, doc_tokens, side="right") - 1
         ok = (k >= 0) & (doc_tokens >= 0)
         k = np.where(ok, k, 0)
-        ends = np.asarray([p.token_end for p in self.passages], dtype=np.int64)[k] if self.passages else k
+        ends = self._ends[k] if self.passages else k
         return np.where(ok & (doc_tokens < ends), k, -1)
 
     def text(self, passage: Passage) -> str:

@@ -122,9 +122,11 @@ class ReadingSession:
         return self.loaded.tokenizer(text, add_special_tokens=False).input_ids
 
     def configure_for(self, total_tokens: int) -> CacheConfig:
-        """Resolve cascades="auto" for a stream of total_tokens (prefix included); rebuilds the engine."""
-        config = self.requested.resolve(total_tokens)
-        if config != self.config:
+        """Resolve cascades="auto" for a stream of total_tokens (prefix included)."""
+        return self._use_config(self.requested.resolve(total_tokens))
+
+    def _use_config(self, config: CacheConfig) -> CacheConfig:
+        if config != self.config:  # the engine's rope tables and attention hook are per config
             self.config, self.engine = config, Engine(self.loaded, config, self.stride)
         return config
 
@@ -152,14 +154,16 @@ class ReadingSession:
         if doc_tokens <= 0:
             raise UserError(f"{document.title}: no text to read")
         self._set_document(document, source_map, cache, len(prefix_ids),
-                           ReadResult(doc_tokens, len(prefix_ids), done.seconds, done.tokens_per_second))
+                           ReadResult(doc_tokens, len(prefix_ids), done.seconds, done.tokens_per_second),
+                           recall.PassageIndex.build(document, source_map.offsets))
         return self.read_result
 
-    def _set_document(self, document, source_map, cache, prefix_tokens, result, index=None) -> None:
+    def _set_document(self, document, source_map, cache, prefix_tokens, result,
+                      index: recall.PassageIndex | None, index_note: str = "") -> None:
         self.document, self.source_map, self.doc_cache = document, source_map, cache
         self.prefix_tokens, self.read_result = prefix_tokens, result
-        self.index = recall.PassageIndex.build(document, source_map.offsets) if index is None else (index or None)
-        self.index_note, self.turns, self._baseline = "", [], None
+        self.index, self.index_note = index, index_note
+        self.turns, self._baseline = [], None
 
     def reset_conversation(self) -> None:
         self.turns = []
@@ -257,8 +261,8 @@ class ReadingSession:
         return ids, np.concatenate(doc) if doc else np.zeros(0, dtype=np.int64)
 
     def _probe(self, cache: KVCache, text: str) -> np.ndarray:
-        """Attention that `text`, read after the document, gives each document slot, summed over
-        layers and heads; the tail is rolled back afterwards. # [n_doc slots]"""
+        """Attention that `text`, read after the document, gives each document slot of each layer and
+        KV head; the tail is rolled back afterwards. # [layers, kv_heads, n_doc]"""
         memory = memory_of(cache)
         sliding = cache.sliding.clone() if isinstance(cache, HybridCache) else None
         memory.scored = True
@@ -267,7 +271,7 @@ class ReadingSession:
         for i in range(0, len(ids), self.stride):
             self.engine.forward(torch.tensor([ids[i: i + self.stride]]), cache)
         score, _ = memory.slot_scores()  # [layers, kv_heads, slots]
-        per_slot = score[..., : memory.n_doc].sum(dim=0)  # [kv_heads, n_doc]
+        per_slot = score[..., : memory.n_doc]
         memory.truncate(0)
         memory.reset_scores()
         if sliding is not None:
@@ -283,8 +287,9 @@ class ReadingSession:
         if self._baseline is None:
             self._baseline = self._probe(cache, self.format.question_text(BASELINE_QUESTION))
         asked = self._probe(cache, self.format.question_text(question))
-        lift = np.maximum(asked - self._baseline, 0.0)  # [kv_heads, n_doc]
-        pos = memory.pos[0][0, :, : memory.n_doc].numpy()  # [kv_heads, n_doc] stream positions (layer 0)
+        lift = np.maximum(asked - self._baseline, 0.0)  # [layers, kv_heads, n_doc]
+        # each layer and head keeps its own tokens, so a slot's lift goes to the token it holds there
+        pos = memory.slot_scores()[1][..., : memory.n_doc].numpy()  # [layers, kv_heads, n_doc]
         in_doc = pos >= max(self.config.sinks, self.prefix_tokens)  # sinks draw attention whatever is asked
         return recall.attention_by_passage(self.index, (pos - self.prefix_tokens)[in_doc], lift[in_doc])
 
@@ -304,7 +309,8 @@ class ReadingSession:
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                              tok.convert_tokens_to_ids("<end_of_turn>"))
                  if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
-        memory = memory_of(cache) if isinstance(memory_of(cache), FrozenMemory) else None
+        memory = memory_of(cache)
+        memory = memory if isinstance(memory, FrozenMemory) else None
         start = start or time.perf_counter()
         ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
@@ -465,8 +471,7 @@ class ReadingSession:
         doc = man["document"]
         document = documents.Document(path=doc["path"], kind=doc["kind"], title=doc["title"], sha256=doc["sha256"],
                                       segments=[documents.Segment(s["text"], s["label"], s["meta"]) for s in doc["segments"]])
-        self.config = CacheConfig(**man["config"])
-        self.engine = Engine(self.loaded, self.config, self.stride)
+        self._use_config(CacheConfig(**man["config"]))
         cache = self.engine.new_cache()
         cache.load_state({k[len("cache."):]: v for k, v in tensors.items() if k.startswith("cache.")})
         source_map = documents.SourceMap.from_arrays(
@@ -480,8 +485,7 @@ class ReadingSession:
             index = recall.PassageIndex.open(index_path, document, result.doc_tokens)
         else:
             note = "recall is off: this snapshot was saved without a passage index (an older format)"
-        self._set_document(document, source_map, cache, man["prefix_tokens"], result, index=index or False)
-        self.index, self.index_note = index, note
+        self._set_document(document, source_map, cache, man["prefix_tokens"], result, index, note)
 
 
 def retention_of(cache: KVCache, prefix_tokens: int, layer: int | None = None) -> dict:

@@ -14,6 +14,7 @@ import torch
 
 from . import documents
 from .memory import freeze
+from .recall import PassageIndex
 from .prompts import FINAL_SUMMARY_QUESTION, SECTION_QUESTION
 from .runtime import ReadProgress
 from .session import Answer, ReadingSession, ReadResult
@@ -98,7 +99,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         k += 1
     # the session now holds the whole document, as if read with session.read
     session._set_document(document, source_map, cache, len(prefix),
-                          ReadResult(read_tokens, len(prefix), read_seconds, read_tokens / max(read_seconds, 1e-9)))
+                          ReadResult(read_tokens, len(prefix), read_seconds, read_tokens / max(read_seconds, 1e-9)),
+                          PassageIndex.build(document, source_map.offsets))
     # final: the section summaries, read as a short document of their own
     joined = "\n\n".join(f"[{s['label']}] {s['summary']}" for s in sections)
     final_cache = engine.new_cache()
