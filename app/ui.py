@@ -297,7 +297,14 @@ def read_document(st: UserState, file, pasted, model, policy, window, cascades, 
 def live_map(st: UserState) -> str:
     if st.session is None or st.retention is None:
         return views.retention_map_html(None)
-    return views.retention_map_html(st.retention, tick_labels=_tick_labels(st, 3), width=LIVE_WIDTH, ticks=3)
+    return views.retention_map_html(st.retention, tick_labels=_tick_labels(st, 3), width=LIVE_WIDTH, ticks=3,
+                                    recalled=_recalled(st))
+
+
+def _recalled(st: UserState) -> list[tuple[int, int]]:
+    """Token ranges of the passages re-read for the last answer (marked on the retention maps)."""
+    answers = st.session.answers if st.session is not None else []
+    return [(p["token_start"], p["token_end"]) for p in answers[-1].recalled] if answers else []
 
 
 def _tick_labels(st: UserState, ticks: int = 5) -> list[str]:
@@ -468,7 +475,7 @@ def retention_view(st: UserState, rows, layer, head, position, count):
     layer = int(min(max(int(layer or 0), 0), pos.shape[0] - 1))
     head = int(min(max(int(head or 0), 0), pos.shape[1] - 1))
     rows = "cascade" if rows == "cascades of one layer" else "layer"
-    img = views.retention_map_html(r, rows, layer, tick_labels=_tick_labels(st))
+    img = views.retention_map_html(r, rows, layer, tick_labels=_tick_labels(st), recalled=_recalled(st))
     cfg = st.session.config
     table = views.occupancy_table(r, layer, cfg.cascade_slots if cfg.slots else 0, cfg.sinks)
     sm = st.session.source_map
@@ -738,8 +745,9 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
 
         ask_args = dict(fn=ask, inputs=[st, question, chat, mode, max_new, temperature], outputs=[chat, question],
                         show_progress="minimal", **model_work)
-        ask_btn.click(arm, [st], None, **instant).then(**ask_args)
-        question.submit(arm, [st], None, **instant).then(**ask_args)
+        for trigger in (ask_btn.click, question.submit):  # then mark the recalled passages on both maps
+            trigger(arm, [st], None, **instant).then(**ask_args).then(live_map, [st], [live], queue=False).then(
+                retention_view, view_inputs, view_outputs, queue=False)
         clear_btn.click(clear_chat, [st], [chat], **instant)
         chat.clear(clear_chat, [st], [chat], **instant)
         export_btn.click(export_chat, [st], [export_files, export_msg], queue=False)

@@ -82,13 +82,20 @@ def retention_grid(retention: dict, rows: str = "layer", layer: int = 0, bins: i
     return np.clip(grid, 0, 1), names
 
 
+_RECALLED = np.array([230, 120, 20], dtype=np.uint8)  # orange: not one of the ramp's blues
+
+
 def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: int | None = None,
-                  tick_labels: list[str] | None = None, width: int = 820, ticks: int = 5) -> bytes:
-    """The retention map as PNG bytes, with row labels on the left and document positions below."""
+                  tick_labels: list[str] | None = None, width: int = 820, ticks: int = 5,
+                  recalled: list[tuple[int, int]] | None = None) -> bytes:
+    """The retention map as PNG bytes, with row labels on the left and document positions below.
+
+    `recalled`: document token ranges re-read for the last answer, drawn as an orange row below."""
     seen = max(int(retention["seen"]), 1)
     total = max(int(total or seen), seen, 1)
     bins = int(min(240, total))  # a bin never covers less than one token
     grid, names = retention_grid(retention, rows, layer, bins, total)
+    names = [*names, "recalled"] if recalled else names
     n = len(names)
     row_h = max(4, min(30, 210 // max(n, 1)))
     font = _font(13 if width < 600 else 15)
@@ -98,6 +105,11 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
     img = _colour(np.sqrt(grid))  # sqrt keeps sparse old cascades visible
     unread = int(np.ceil(bins * seen / total))
     img[:, unread:] = _UNREAD
+    if recalled:
+        strip = np.full((1, bins, 3), 255, dtype=np.uint8)
+        for a, b in recalled:
+            strip[0, int(a * bins / total): max(int(a * bins / total) + 1, int(np.ceil(b * bins / total)))] = _RECALLED
+        img = np.concatenate((img, strip))
     cell = Image.fromarray(img).resize((plot_w, n * row_h), Image.NEAREST)
     canvas = Image.new("RGB", (width, top + n * row_h + bottom), (255, 255, 255))
     canvas.paste(cell, (left, top))
@@ -127,15 +139,16 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
 
 def retention_map_html(retention: dict | None, rows: str = "layer", layer: int = 0, total: int | None = None,
                        tick_labels: list[str] | None = None, caption: str = "", width: int = 820,
-                       ticks: int = 5) -> str:
+                       ticks: int = 5, recalled: list[tuple[int, int]] | None = None) -> str:
     if retention is None:
         return ("<div class='rmap empty'>The map of what the cache holds appears here while a document is "
                 "read.</div>")
-    png = base64.b64encode(retention_png(retention, rows, layer, total, tick_labels, width, ticks)).decode()
+    png = base64.b64encode(retention_png(retention, rows, layer, total, tick_labels, width, ticks, recalled)).decode()
     what = "layers" if rows != "cascade" else f"parts of layer {layer}"
     cap = caption or (f"x: position in the document (tokens) · y: {what} · darker = more of that stretch still "
                       "held (mean over KV heads)" + (" · grey: not read yet" if total and total > retention["seen"]
-                                                     else ""))
+                                                     else "")
+                      + (" · orange: passages re-read for the last answer" if recalled else ""))
     return (f"<div class='rmap'><img alt='retention map' src='data:image/png;base64,{png}'/>"
             f"<div class='rmap-caption'>{html.escape(cap)}</div></div>")
 

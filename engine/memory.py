@@ -98,14 +98,17 @@ class FrozenMemory(KVCache):
         self.tail = min(self.tail, tail)
         self.seen = self.doc_seen + self.tail
 
-    def hide_document(self, keep: int) -> None:
-        """Mask every document slot after the first `keep` (the sinks) from attention, tail untouched.
+    def hide_document(self, sinks: int, recent: int = 0) -> None:
+        """Mask the document's slots from attention except the first `sinks` physical slots and the
+        `recent` slots with the latest in-cache positions (the most recent text read); tail untouched.
 
         Used when recalled passages carry the answer: a small model reads a detail from a short clean
         context far better than from the cascade's sparse sketch beside it (docs/eval.md).
         """
-        self.doc_valid = self.doc_valid.clone()
-        self.doc_valid[keep:] = False
+        keep = torch.zeros_like(self.doc_valid)
+        keep[:sinks] = True
+        keep |= self.doc_pos >= self.doc_span - recent
+        self.doc_valid = self.doc_valid & keep
 
     def reset_scores(self) -> None:
         for s in self.score:

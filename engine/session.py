@@ -77,6 +77,7 @@ class AnswerSettings:
     # Whether the cascade memory stays in view when passages were recalled. Off by default: measured on
     # the book set, SmolLM2 answered 1/12 with the memory in view and 6/12 (the oracle's score) without.
     memory_in_answer: bool = False
+    recent_in_answer: int = 0  # with the memory hidden, keep this many most recent slots in view
 
     def __post_init__(self):
         for name in ("recall_tokens", "conversation_tokens", "question_tokens"):
@@ -215,7 +216,7 @@ class ReadingSession:
         ids, tail_doc = self._tail(question, turns, recalled)
         cache_memory = memory_of(cache)
         if recalled and not settings.memory_in_answer:
-            cache_memory.hide_document(self.config.sinks)
+            cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
                                   n_citations, tail_doc=tail_doc, start=start)

@@ -166,11 +166,14 @@ def test_frozen_memory_scores_are_fixed_size_and_hide_document_masks(tiny_llama)
     assert score.shape == pos.shape and score[..., : frozen.n_doc].sum() > 0
     frozen.truncate(0)
     frozen.reset_scores()
-    frozen.hide_document(keep=4)
+    frozen.hide_document(sinks=4, recent=16)
     engine.forward(torch.tensor([[1, 2, 3]]), frozen)
     score, _ = frozen.slot_scores()
-    assert float(score[..., 4: frozen.n_doc].abs().sum()) == 0.0  # masked slots get no attention
-    assert float(score[..., :4].sum()) > 0
+    recent = frozen.doc_pos >= frozen.doc_span - 16  # the 16 latest in-cache positions
+    assert int(recent.sum()) == 16
+    hidden = score[..., : frozen.n_doc][..., ~recent][..., 4:]
+    assert float(hidden.abs().sum()) == 0.0  # masked slots get no attention
+    assert float(score[..., :4].sum()) > 0 and float(score[..., : frozen.n_doc][..., recent].sum()) > 0
 
 
 # ------------------------------------------------------------------ the real path

@@ -176,6 +176,7 @@ def test_read_ask_cite_retention_export_snapshot(app_url, browser, tmp_path):
     answer = chat.split("What is the name of the lighthouse keeper?", 1)[1].split("Recalled passages", 1)[0].strip()
     assert answer, chat
     assert re.search(r"Recalled passages: p\. [123]", chat), chat  # the re-read passages, by page
+    page.wait_for_selector("#live-map :text('orange: passages re-read')", timeout=10_000)  # marked on the map
     assert re.search(r"Source: p\. [123] ·", chat), chat
     page.locator("#chat :text('Source: p.')").first.click()  # expand: the passage shows
     page.wait_for_selector("#chat :text('document token')", timeout=10_000)
