@@ -158,10 +158,10 @@ def run_books(args) -> dict:
                 if r == "on":  # how each signal alone would have done, for the ablation table
                     cache = freeze(session.doc_cache, session.answering.question_tokens + 96)
                     attention = session.passage_attention(it["question"], cache)
-                    for name, kw in (("bm25", dict(attention=None)), ("attention", dict(lexical=False))):
+                    for name, kw in (("bm25", dict(attention=None)), ("attention", dict(use_bm25=False))):
                         picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
                                          args.recall_tokens, tokens_of=session.recall_cost,
-                                         lexical=kw.get("lexical", True))
+                                         use_bm25=kw.get("use_bm25", True))
                         row[f"hit_{name}"] = hits([x.passage for x in picked], gold)
                 t0 = time.perf_counter()
                 "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, recall_on=r == "on"))

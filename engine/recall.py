@@ -37,7 +37,7 @@ RRF_K = 60
 # the book's last pages: recency); equal-weight fusion 2/8, weight 0.3 9/12, 0.1 13/16, because a
 # passage both signals like overtakes BM25's first. At 0.01 attention cannot reorder BM25's top ranks
 # (1/61 - 1/62 > 0.01/61); it breaks ties deeper down and it alone ranks passages for a question that
-# shares no word with the book.
+# shares no word with the book (see `rank`).
 FUSION = {"bm25": 1.0, "attention": 0.01}
 # a line that is a heading: "Chapter 12", "CHAPTER XII", "# Title", "Book II", "Part 3", "Psalm 23"
 HEADING = re.compile(r"^\s*(#{1,6}\s+\S.*|(chapter|book|part|section|psalm|act|scene|canto)\s+"
@@ -290,13 +290,13 @@ def attention_by_passage(index: PassageIndex, doc_tokens: np.ndarray, weights: n
 
 
 def rank(index: PassageIndex, question: str, attention: dict[int, float] | None, budget: int,
-         tokens_of=lambda p: p.tokens + 8, limit: int = 50, lexical: bool = True) -> list[Recalled]:
+         tokens_of=lambda p: p.tokens + 8, limit: int = 50, use_bm25: bool = True) -> list[Recalled]:
     """Fuse the BM25 and attention rankings (RRF) and take the best passages that fit `budget` tokens.
 
     tokens_of(passage) is what re-reading it costs (its text and its label). Returns them in
     document order, so the model re-reads the book as it is written.
     """
-    lexical = index.bm25(question, limit) if lexical else []
+    lexical = index.bm25(question, limit) if use_bm25 else []
     by_attention = sorted((attention or {}).items(), key=lambda kv: -kv[1])[:limit]
     fused: dict[int, float] = {}
     for ranking, weight in ((lexical, FUSION["bm25"]), (by_attention, FUSION["attention"])):
@@ -304,8 +304,12 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
             fused[pid] = fused.get(pid, 0.0) + weight / (RRF_K + r)
     lex_rank = {pid: (r, s) for r, (pid, s) in enumerate(lexical, 1)}
     att_rank = {pid: (r, s) for r, (pid, s) in enumerate(by_attention, 1)}
+    # Passages only attention likes are recalled only when no word of the question is in the book:
+    # a small reader is misled by every extra passage (docs/eval.md), and attention alone rarely finds
+    # the answer's passage.
+    candidates = [pid for pid, _ in lexical] if lexical else list(fused)
     picked, used = [], 0
-    for pid in sorted(fused, key=lambda p: (-fused[p], p)):
+    for pid in sorted(candidates, key=lambda p: (-fused[p], p)):
         p = index.passages[pid]
         cost = tokens_of(p)
         if used + cost > budget:

@@ -298,7 +298,7 @@ class ReadingSession:
         """Rank passages for the question (BM25 and/or the question's attention, fused) within the budget."""
         attention = self.passage_attention(question, cache) if signals in ("both", "attention") else None
         return recall.rank(self.index, question, attention, self.answering.recall_tokens,
-                           tokens_of=self.recall_cost, lexical=signals in ("both", "bm25"))
+                           tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"))
 
     @staticmethod
     def recall_cost(p: recall.Passage) -> int:
