@@ -144,8 +144,13 @@ def run_books(args) -> dict:
                 _say(f"{doc_name} {policy}: loaded {snap}")
             except UserError:
                 t0 = time.perf_counter()
-                read = session.read(doc)
-                _say(f"{doc_name} {policy}: read {read.doc_tokens} tokens in {time.perf_counter() - t0:.0f} s "
+                trace = ReadTrace()
+                read = session.read(doc, progress=trace)
+                seconds = time.perf_counter() - t0  # reading + cutting and indexing the passages
+                trace.write(out / "reads.jsonl", doc=doc_name, policy=policy, cascades=session.config.cascades,
+                            seconds_with_index=seconds, passages=len(session.index.passages),
+                            index_mb=session.index.nbytes_on_disk() / 2 ** 20)
+                _say(f"{doc_name} {policy}: read {read.doc_tokens} tokens in {seconds:.0f} s "
                      f"({read.tokens_per_second:.0f} tok/s), cascades {session.config.cascades}, "
                      f"{len(session.index.passages)} passages, index {session.index.nbytes_on_disk() / 2**20:.2f} MB")
                 session.save(snap)
@@ -181,6 +186,34 @@ def run_books(args) -> dict:
         run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans)
     rows = [r for r in results.rows if all(r["case"].get(k) == v for k, v in settings.items())]
     return summarize_books(rows, out, loaded.model_id, settings)
+
+
+class ReadTrace:
+    """A progress callback that samples throughput and RSS along a read (is memory flat? is speed?)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.points = psutil.Process(), []  # (tokens read, seconds, rss MB)
+
+    def __call__(self, p) -> None:
+        self.points.append((p.tokens_read, p.seconds, self.proc.memory_info().rss / 2 ** 20))
+
+    def write(self, path: Path, **extra) -> dict:
+        tokens, secs, rss = (np.asarray(x, dtype=np.float64) for x in zip(*self.points))
+        q = [int(len(tokens) * f) for f in (0.25, 0.5, 0.75)]
+
+        def rate(a, b):  # tokens per second between two samples
+            return float((tokens[b] - tokens[a]) / max(secs[b] - secs[a], 1e-9))
+
+        n = len(tokens) - 1
+        out = {**extra, "tokens": int(tokens[-1]), "read_seconds": float(secs[-1]),
+               "tokens_per_second": float(tokens[-1] / secs[-1]),
+               "first_quarter_tok_s": rate(0, q[0]), "last_quarter_tok_s": rate(q[2], n),
+               "rss_mb_at_quarters": [round(float(rss[i]), 1) for i in (*q, n)]}
+        with open(path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+        return out
 
 
 def run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans) -> None:

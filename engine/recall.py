@@ -37,7 +37,7 @@ RRF_K = 60
 # the book's last pages: recency); equal-weight fusion 2/8, weight 0.3 9/12, 0.1 13/16, because a
 # passage both signals like overtakes BM25's first. At 0.01 attention cannot reorder BM25's top ranks
 # (1/61 - 1/62 > 0.01/61); it breaks ties deeper down and it alone ranks passages for a question that
-# shares no word with the book (see `rank`).
+# shares no word with the book (see `rank`; ReadingSession.locate skips the attention probes otherwise).
 FUSION = {"bm25": 1.0, "attention": 0.01}
 # a line that is a heading: "Chapter 12", "CHAPTER XII", "# Title", "Book II", "Part 3", "Psalm 23"
 HEADING = re.compile(r"^\s*(#{1,6}\s+\S.*|(chapter|book|part|section|psalm|act|scene|canto)\s+"

@@ -295,8 +295,14 @@ class ReadingSession:
         return recall.attention_by_passage(self.index, (pos - self.prefix_tokens)[in_doc], lift[in_doc])
 
     def locate(self, question: str, cache: KVCache, signals: str = "both") -> list[recall.Recalled]:
-        """Rank passages for the question (BM25 and/or the question's attention, fused) within the budget."""
-        attention = self.passage_attention(question, cache) if signals in ("both", "attention") else None
+        """Rank passages for the question (BM25 and/or the question's attention, fused) within the budget.
+
+        With both signals, the attention probes (two short forwards) run only when BM25 finds nothing:
+        otherwise recall takes BM25's passages, and at its fusion weight attention could reorder only
+        ranks far beyond any budget (`recall.FUSION`), so the probes would change nothing.
+        """
+        wanted = signals == "attention" or (signals == "both" and not self.index.bm25(question, 1))
+        attention = self.passage_attention(question, cache) if wanted else None
         return recall.rank(self.index, question, attention, self.answering.recall_tokens,
                            tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"))
 
@@ -399,9 +405,13 @@ class ReadingSession:
 
     # ---------------------------------------------------------------- summaries
     def summarize(self, max_new_tokens: int = 300, should_stop=None, temperature: float = 0.0) -> Iterator[str]:
-        """Whole-document summary from the cache after reading (the paper's setting)."""
+        """Whole-document summary from the cache after reading (the paper's setting).
+
+        Recall stays off: the words of a summary request match arbitrary passages, and recalled
+        passages would hide the memory that a summary needs (choosing a book's central passages for a
+        summary is the summaries issue's work)."""
         yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
-                            should_stop=should_stop)
+                            should_stop=should_stop, recall_on=False)
 
     # ---------------------------------------------------------------- retention view
     def retention(self, layer: int | None = None) -> dict:
