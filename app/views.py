@@ -290,16 +290,16 @@ def citation_messages(citations) -> list[dict]:
 
 def recall_messages(answer) -> list[dict]:
     """One collapsible message listing the passages re-read for the answer (or why none were)."""
+    dropped = (f"\n\n*{answer.dropped_turns} earlier turn(s) no longer fit the conversation budget and were "
+               "left out (the oldest leave first).*" if answer.dropped_turns else "")
     if not answer.recalled:
         note = answer.recall_note or "no passage was recalled"
-        return [{"role": "assistant", "content": f"*{note}; the answer comes from the cache's memory alone.*",
-                 "metadata": {"title": "Recalled passages: none", "status": "done"}}]
+        return [{"role": "assistant", "content": f"*{note}; the answer comes from the cache's memory alone.*"
+                 + dropped, "metadata": {"title": "Recalled passages: none", "status": "done"}}]
     parts = [f"**[{p['label']}]** ({p['token_end'] - p['token_start']} tokens)\n\n> "
              + html.escape(" ".join(p["text"].split()))[:600] for p in answer.recalled]
     labels = ", ".join(p["label"] for p in answer.recalled)
-    note = f"\n\n*{answer.dropped_turns} earlier turn(s) no longer fit the conversation budget and were left out.*" \
-        if answer.dropped_turns else ""
-    return [{"role": "assistant", "content": "\n\n".join(parts) + note,
+    return [{"role": "assistant", "content": "\n\n".join(parts) + dropped,
              "metadata": {"title": f"Recalled passages: {labels}", "status": "done"}}]
 
 
