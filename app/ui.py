@@ -657,8 +657,8 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                     mode = gr.Radio([("New question from the document", "new"),
                                      ("Continue the conversation", "continue")], value="new",
                                     label="Each question", elem_id="mode",
-                                    info="new: answered from the passages it recalls and the document's memory · continue: follows "
-                                         "on from the previous answer")
+                                    info="new: answered from the passages it recalls and the document's memory · "
+                                         "continue: follows on from the previous answer")
                     with gr.Row():
                         question = gr.Textbox(placeholder="Ask about the document…", show_label=False, scale=5,
                                               elem_id="question", submit_btn=False)
