@@ -29,26 +29,35 @@ class FrozenMemory(KVCache):
     def __init__(self, doc: KVCache, tail_slots: int):
         super().__init__(doc.config, doc.n_layers, doc.kv_heads, doc.head_dim, batch=doc.batch, dtype=doc.dtype,
                          device=doc.device)
+        self.capacity = tail_slots
+        self.keys = self.values = self.pos = self.score = None
+        self.load(doc)
+
+    def load(self, doc: KVCache) -> "FrozenMemory":
+        """Start over from `doc`: copy its slots in, empty the tail. The buffers are reused when the
+        document has as many slots as last time, so asking again allocates nothing (RSS stays put)."""
         self.doc_pos, self.doc_valid = doc.slot_positions()  # [n_doc] each
         self.n_doc = len(self.doc_pos)
         self.doc_span = int(doc.n_valid)  # in-cache positions 0..doc_span-1 are the document's
-        self.doc_seen = doc.seen
-        self.seen = doc.seen  # stream positions continue after the document
-        self.capacity, self.tail = tail_slots, 0
+        self.doc_seen = self.seen = doc.seen  # stream positions continue after the document
+        self.tail = 0
         self.scored = True  # set False to skip score sums (the fast attention path)
-        n = self.n_doc + tail_slots
-        self.keys, self.values, self.pos, self.score = [], [], [], []
+        n = self.n_doc + self.capacity
+        if self.keys is None or self.keys[0].shape[2] != n:
+            shape = (self.batch, self.kv_heads, n)
+            self.keys = [torch.zeros(*shape, self.head_dim, dtype=self.dtype, device=self.device)
+                         for _ in range(self.n_layers)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+            self.pos = [torch.full(shape, -1, dtype=torch.int64, device=self.device) for _ in range(self.n_layers)]
+            self.score = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in range(self.n_layers)]
         for layer in range(self.n_layers):
             k, v = doc.resident(layer)  # [batch, kv_heads, n_doc, head_dim]
-            keys = torch.zeros(self.batch, self.kv_heads, n, self.head_dim, dtype=self.dtype, device=self.device)
-            values = torch.zeros_like(keys)
-            keys[:, :, : self.n_doc], values[:, :, : self.n_doc] = k, v
-            pos = torch.full((self.batch, self.kv_heads, n), -1, dtype=torch.int64, device=self.device)
-            pos[:, :, : self.n_doc] = doc.original_positions(layer)
-            self.keys.append(keys)
-            self.values.append(values)
-            self.pos.append(pos)
-            self.score.append(torch.zeros(self.batch, self.kv_heads, n, dtype=torch.float32, device=self.device))
+            self.keys[layer][:, :, : self.n_doc] = k
+            self.values[layer][:, :, : self.n_doc] = v
+            self.pos[layer][:, :, : self.n_doc] = doc.original_positions(layer)
+            self.pos[layer][:, :, self.n_doc:] = -1
+        self.reset_scores()
+        return self
 
     @property
     def n_valid(self) -> int:
@@ -130,18 +139,26 @@ class FrozenMemory(KVCache):
         return out
 
 
-def freeze(doc: KVCache, tail_slots: int) -> KVCache:
+def freeze(doc: KVCache, tail_slots: int, reuse: KVCache | None = None) -> KVCache:
     """A cache that answers from `doc` without changing it: frozen document slots + a tail.
 
-    For hybrid models (Gemma-3) the global layers get the frozen memory; the sliding-window layers
-    keep sliding (a copy of their window), since they only ever see the last few hundred tokens.
+    `reuse`: a cache an earlier `freeze` returned, whose buffers are refilled instead of allocated
+    anew when its tail has the same size. For hybrid models (Gemma-3) the global layers get the
+    frozen memory; the sliding-window layers keep sliding (a copy of their window), since they only
+    ever see the last few hundred tokens.
     """
-    if isinstance(doc, HybridCache):
+    old = memory_of(reuse) if reuse is not None else None
+    hybrid = isinstance(doc, HybridCache)
+    if isinstance(old, FrozenMemory) and old.capacity == tail_slots and isinstance(reuse, HybridCache) == hybrid:
+        memory = old.load(doc.main if hybrid else doc)
+    else:
+        memory = FrozenMemory(doc.main if hybrid else doc, tail_slots)
+    if hybrid:
         out = copy.copy(doc)
-        out.main, out.sliding = FrozenMemory(doc.main, tail_slots), doc.sliding.clone()
+        out.main, out.sliding = memory, doc.sliding.clone()
         out.scored = True
         return out
-    return FrozenMemory(doc, tail_slots)
+    return memory
 
 
 def memory_of(cache: KVCache) -> FrozenMemory:

@@ -117,6 +117,7 @@ class ReadingSession:
         self.read_result: ReadResult | None = None
         self.answers: list[Answer] = []
         self._baseline: np.ndarray | None = None  # per-slot attention of BASELINE_QUESTION
+        self._answer_memory: KVCache | None = None  # the frozen memory + tail of the last question
 
     # ---------------------------------------------------------------- reading
     def _ids(self, text: str) -> list[int]:
@@ -164,7 +165,7 @@ class ReadingSession:
         self.document, self.source_map, self.doc_cache = document, source_map, cache
         self.prefix_tokens, self.read_result = prefix_tokens, result
         self.index, self.index_note = index, index_note
-        self.turns, self._baseline = [], None
+        self.turns, self._baseline, self._answer_memory = [], None, None
 
     def reset_conversation(self) -> None:
         self.turns = []
@@ -198,7 +199,9 @@ class ReadingSession:
         question = self.check_question(question, max_new_tokens)
         start = time.perf_counter()
         settings = self.answering
-        cache = freeze(self.doc_cache, settings.tail_slots(max_new_tokens))
+        # one answer memory per session, refilled for each question: answering allocates nothing new
+        cache = freeze(self.doc_cache, settings.tail_slots(max_new_tokens), self._answer_memory)
+        self._answer_memory = cache
         answer = Answer(question)
         self.answers.append(answer)
         turns = self._kept_turns(answer) if continue_conversation else []

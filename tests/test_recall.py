@@ -149,6 +149,10 @@ def test_frozen_memory_reads_a_tail_exactly_and_leaves_the_document_alone(tiny_l
     assert frozen.tail == 40 and frozen.doc_span == doc.n_valid and frozen.n_doc == doc.slot_positions()[0].numel()
     with pytest.raises(UserError, match="answer memory is full"):
         engine.forward(torch.tensor([tail]), frozen)  # 40 more do not fit the 64-slot tail
+    again = freeze(doc, tail_slots=64, reuse=frozen)  # the next question refills the same buffers
+    assert again is frozen and again.tail == 0 and again.keys[0].data_ptr() == frozen.keys[0].data_ptr()
+    got2 = torch.cat([engine.forward(torch.tensor([tail[i:i + 16]]), again, logits="all") for i in range(0, 40, 16)], 1)
+    assert torch.equal(got2, got)
 
 
 def test_frozen_memory_scores_are_fixed_size_and_hide_document_masks(tiny_llama):
