@@ -20,7 +20,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, n, head_dim]; cos/sin: [n, head_dim] (same convention as transformers' Llama)."""
+    """x: [batch, heads, n, head_dim]; cos/sin: [n, rotary_dim] (same convention as transformers' Llama).
+
+    rotary_dim < head_dim is partial rotary (Phi-4-mini): only the first rotary_dim features turn."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 

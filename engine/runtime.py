@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import kernels
+from .architectures import check_architecture, check_positions
 from .attention import mask_bias, query_weights, window_bias
 from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
@@ -147,14 +148,18 @@ class Engine:
             raise UserError(f"stride must be >= 1, not {stride}")
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.config, self.stride = config, stride
+        check_architecture(self.model.config)
+        check_positions(self.model.config, config, stride)
         self.model.set_attn_implementation(ATTENTION_NAME)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         layer_types = set(getattr(self.model.config, "layer_types", None) or [])
         rotary = self.model.model.rotary_emb
-        if "sliding_attention" in layer_types:  # one rotary per kind of layer (Gemma-3)
-            self.rope = {"global": RopeTable(rotary, self.device, self.dtype, "full_attention"),
-                         "sliding": RopeTable(rotary, self.device, self.dtype, "sliding_attention")}
+        per_type = isinstance(getattr(rotary, "rope_type", None), dict)  # one rotary per kind of layer (Gemma-3)
+        if "sliding_attention" in layer_types:
+            kinds = {"global": "full_attention", "sliding": "sliding_attention"}
+            self.rope = {name: RopeTable(rotary, self.device, self.dtype, kind if per_type else None)
+                         for name, kind in kinds.items()}
         else:
             self.rope = {"global": RopeTable(rotary, self.device, self.dtype)}
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
@@ -254,7 +259,8 @@ class Engine:
         for _ in range(max_new_tokens):
             if should_stop is not None and should_stop():
                 return
-            next_logits = logits[0, -1]
+            # [vocab] on the host: the logits processors and the sampler's generator live there
+            next_logits = logits[0, -1].cpu()
             if logits_processor is not None:
                 next_logits = logits_processor(generated, next_logits)
             next_id = sample(next_logits, temperature, top_p, gen)
