@@ -1,4 +1,4 @@
-"""Start the Cascade Reader web UI: python launch.py [--host H] [--port P] [--model SPEC] [--share]."""
+"""Start the Cascade Reader web UI: python launch.py [--host H] [--port P] [--model SPEC] [--device D] [--share]."""
 
 from app.main import main
 

@@ -1,4 +1,4 @@
-"""python launch.py [--host H] [--port P] [--model SPEC] [--share]"""
+"""python launch.py [--host H] [--port P] [--model SPEC] [--device auto|cpu|cuda[:N]] [--share]"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import gradio as gr
 
 from engine.errors import UserError
 
-from .ui import ASSETS, build_app, css, get_model
+from .ui import ASSETS, build_app, css, get_model, use_device
 
 
 def main(argv=None) -> None:
@@ -20,7 +20,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (default), gemma3, a model folder, a .gguf file or a hub id")
     p.add_argument("--share", action="store_true", help="also create a public Gradio link (off by default)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
+    try:
+        use_device(args.device)
+    except UserError as e:  # before the server starts, in one line
+        print(f"launch.py: {e}", file=sys.stderr)
+        sys.exit(2)
 
     def preload():  # so the first reader does not wait for the model; errors show up when reading
         try:

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import torch
 
 from engine import documents, worker
 from engine.cache import CacheConfig
+from engine.devices import parse_device
 from engine.errors import Cancelled, UserError
 from engine.models import PACKAGED, cache_dir, load_model
 from engine.session import ReadingSession, retention_of
@@ -41,6 +43,7 @@ RETENTION_MAX_SHARE = 0.04  # ... and never more than ~4% of the reading time
 MAX_JUMP_CHOICES = 400
 PROGRESS_EVERY_S = 0.1
 LIVE_WIDTH = 400  # px of the small live map in the document column
+DEVICE: torch.device | None = None  # where models load; None: auto (CUDA when available); see use_device
 
 
 # ------------------------------------------------------------------ per-tab state and shared models
@@ -105,12 +108,19 @@ def _model_key(spec: str) -> str:
     return PACKAGED[spec].name if spec in PACKAGED else spec
 
 
+def use_device(spec: str | None) -> torch.device:
+    """Set the device every model of this app loads on (launch.py --device); refuses a bad one in one line."""
+    global DEVICE
+    DEVICE = parse_device(spec)
+    return DEVICE
+
+
 def get_model(spec: str):
     """Each model loads once and is shared by every tab; reading caches stay per session."""
     key = _model_key(spec)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = worker.call(load_model, spec.strip() or None, say=lambda s: None)
+            _MODELS[key] = worker.call(load_model, spec.strip() or None, say=lambda s: None, device=DEVICE)
         return _MODELS[key]
 
 
@@ -637,6 +647,8 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                         stride = gr.Number(512, label="stride (tokens per chunk)", precision=0, elem_id="stride")
                     settings_msg = gr.Markdown(views.settings_note(replace(d, cascades="auto"), 512),
                                                elem_id="settings-msg")
+                    gr.Markdown(f"device: **{DEVICE or parse_device('auto')}** (start with `launch.py --device "
+                                "cpu|cuda[:N]` to change it)", elem_id="device")
                     with gr.Row():
                         max_new = gr.Slider(8, 1024, value=256, step=8, label="answer tokens",
                                             elem_id="max-new")

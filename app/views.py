@@ -263,6 +263,9 @@ def facts_markdown(session) -> str:
             if b["policy"] == "cascade" else "older parts beyond the window are forgotten"))
     else:
         lines.append(f"- cache: **every token** ({b['cache_mb']:.1f} MB, grows with the document), policy **full**")
+    run = session.device_report()
+    peaks = " · ".join(f"{name} {mb:,.0f} MB" for name, mb in run["peak_memory_mb"].items())
+    lines.append(f"- on **{run['device']}** ({run['dtype']}); peak memory: {peaks}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from .cache import CacheConfig
+from .devices import parse_device
 from .errors import UserError
 
 
@@ -50,11 +51,13 @@ def worker(args: dict) -> dict:
 
     from transformers import AttentionInterface
 
+    from .devices import parse_device, peak_memory_mb
     from .models import load_model
     from .runtime import Engine
 
     torch.manual_seed(0)
-    loaded = load_model(args["model"], dtype=getattr(torch, args["dtype"]), say=lambda s: None)
+    device = parse_device(args.get("device"))
+    loaded = load_model(args["model"], dtype=getattr(torch, args["dtype"]), say=lambda s: None, device=device)
     ids = bench_tokens(loaded.tokenizer, args["length"])
     policy = args["policy"]
     config = CacheConfig(policy="sink" if policy == "ceiling" else policy, sinks=args["sinks"],
@@ -73,9 +76,11 @@ def worker(args: dict) -> dict:
         for i in range(0, len(ids), engine.stride):
             t = time.perf_counter()
             if policy == "ceiling":
-                loaded.model.model(input_ids=torch.tensor([ids[i:i + engine.stride]]), use_cache=False)
+                loaded.model.model(input_ids=torch.tensor([ids[i:i + engine.stride]], device=device), use_cache=False)
             else:
                 engine.forward(torch.tensor([ids[i:i + engine.stride]]), cache)
+            if device.type == "cuda":  # kernels run asynchronously: time the chunk, not its launch
+                torch.cuda.synchronize(device)
             chunk_times.append(time.perf_counter() - t)
             rss_reading = max(rss_reading, proc.memory_info().rss)  # sampled after every chunk
     seconds = time.perf_counter() - start
@@ -89,6 +94,7 @@ def worker(args: dict) -> dict:
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_mb": rss_reading / 2 ** 20, "rss_after_load_mb": rss0,
         "cache_slots": config.slots if policy != "ceiling" else 0,
+        "device": str(device), "peak_memory_mb": peak_memory_mb(device),
     }
 
 
@@ -98,6 +104,7 @@ def run_read_bench(args) -> dict:
     results_path = out / "read_bench.json"
     rows: list[dict] = []
     policies = list(dict.fromkeys(["ceiling", *args.policies]))
+    args.device = str(parse_device(args.device))  # a bad device fails here too, not in every worker
     for policy in args.policies:  # bad settings fail here, in one line, before any worker starts
         CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades)
     if args.stride < 1 or any(n < 1 for n in args.lengths):
@@ -107,7 +114,7 @@ def run_read_bench(args) -> dict:
             for policy in policies:
                 if policy == "full" and length > args.full_max:
                     continue
-                job = {"model": args.model, "dtype": dtype, "policy": policy, "length": length,
+                job = {"model": args.model, "device": args.device, "dtype": dtype, "policy": policy, "length": length,
                        "sinks": args.sinks, "window": args.window, "cascades": args.cascades, "stride": args.stride}
                 print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
                 # The worker inherits OMP_WAIT_POLICY: PASSIVE rescues an oversubscribed CPU but costs

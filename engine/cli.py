@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 
+from .devices import parse_device, peak_rss_mb
 from .errors import Cancelled, UserError
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def cascades_arg(text: str) -> int | str:
@@ -45,7 +41,9 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", choices=["chat", "plain"], default=None,
                    help="prompt format (default: chat if the model has a chat template)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto: bfloat16 where the CPU has native bf16 (about 2x faster), else float32")
+                   help="auto: bfloat16 on CUDA and where the CPU has native bf16 (about 2x faster), else float32")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when available), cpu, cuda or cuda:N")
 
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
@@ -81,7 +79,7 @@ def cache_config(args):
 def load(args, say):
     from .models import load_model
 
-    return load_model(args.model, dtype=args.dtype, say=say)
+    return load_model(args.model, dtype=args.dtype, say=say, device=args.device)
 
 
 def _say(msg: str) -> None:
@@ -151,7 +149,7 @@ def result_json(session, answer, extra: dict | None = None) -> dict:
         "answer": answer.text, "question": answer.question, "doc_tokens": r.doc_tokens,
         "read_seconds": round(r.seconds, 3), "tokens_per_second": round(r.tokens_per_second, 1),
         "answer_tokens": answer.tokens, "answer_seconds": round(answer.seconds, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1), "cache_slots": session.config.slots,
+        "peak_rss_mb": round(peak_rss_mb(), 1), **session.device_report(), "cache_slots": session.config.slots,
         "cache_mb": round(session.budget()["cache_mb"], 2), "policy": session.config.policy,
         "window": session.config.window, "cascades": session.config.cascades, "sinks": session.config.sinks,
         "stride": session.stride, "model": session.loaded.model_id, "prompt": session.format.name,
@@ -234,7 +232,7 @@ def cmd_bench(args) -> int:
     if args.kernels:
         from .kernels.bench import run_kernel_bench
 
-        res = run_kernel_bench(args.out, sizes=args.sizes)
+        res = run_kernel_bench(args.out, sizes=args.sizes, device=parse_device(args.device))
     else:
         from .bench import run_read_bench
 
@@ -294,6 +292,8 @@ def main(argv=None) -> int:
         parser.error(f"{args.command} needs a document (DOC) or --load SNAPSHOT")
     handler = {"ask": cmd_ask, "summarize": cmd_summarize, "bench": cmd_bench, "eval": cmd_eval}[args.command]
     try:
+        if getattr(args, "device", None) is not None:  # a bad device is refused before anything loads
+            args.device = parse_device(args.device)
         return handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

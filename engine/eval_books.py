@@ -107,7 +107,7 @@ def run_books(args) -> dict:
 
     qa_defaults(args)
     data = load_set()
-    loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
+    loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
     out = Path(args.out)
     results = Results(out / "books.jsonl")

@@ -43,6 +43,7 @@ def add_arguments(parser) -> None:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", default=None, help="model spec (default: smollm2)")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
         p.add_argument("--policies", nargs="+", default=["cascade", "sink", "full"], choices=POLICIES)
         qa = name == "qa"  # its defaults depend on --set (filled in by main)
         p.add_argument("--window", type=int, default=None if qa else 512 if name == "ppl" else 256,
@@ -285,7 +286,7 @@ def run_passkey(args) -> dict:
     from .runtime import Engine
 
     _check_args(args)
-    loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
+    loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     tok = loaded.tokenizer
     fmt = prompt_format(tok, args.prompt, loaded.bos)
     prefix = tok(fmt.prefix, add_special_tokens=False).input_ids
@@ -474,7 +475,7 @@ def run_ppl(args) -> dict:
     from .runtime import Engine
 
     _check_args(args)
-    loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
+    loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     tok = loaded.tokenizer
     text = loaded.bos + kjv_text(max_chars=args.tokens * 8, start_verse=args.start_verse)
     ids = tok(text, add_special_tokens=False).input_ids[:args.tokens + 1]
@@ -639,7 +640,7 @@ def run_qa(args) -> dict:
 
     qa_defaults(args)
     _check_args(args)
-    loaded = models.load_model(args.model, dtype=args.dtype, say=_say)
+    loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     for recall in args.recall:
         summary = run_qa_grid(args, loaded, recall)
     return summary
