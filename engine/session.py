@@ -18,6 +18,8 @@ import torch
 
 from . import documents, recall
 from .cache import CacheConfig, HybridCache, KVCache
+from .architectures import check_positions
+from .devices import peak_memory_mb
 from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
@@ -199,6 +201,7 @@ class ReadingSession:
         question = self.check_question(question, max_new_tokens)
         start = time.perf_counter()
         settings = self.answering
+        check_positions(self.loaded.model.config, self.config, settings.tail_slots(max_new_tokens), "answer tail")
         # one answer memory per session, refilled for each question: answering allocates nothing new
         cache = freeze(self.doc_cache, settings.tail_slots(max_new_tokens), self._answer_memory)
         self._answer_memory = cache
@@ -280,7 +283,7 @@ class ReadingSession:
         memory.reset_scores()
         if sliding is not None:
             cache.sliding = sliding
-        return per_slot.numpy()
+        return per_slot.cpu().numpy()
 
     def passage_attention(self, question: str, cache: KVCache) -> dict[int, float] | None:
         """Per passage, the attention the question gives its retained slots beyond what a question with
@@ -293,7 +296,7 @@ class ReadingSession:
         asked = self._probe(cache, self.format.question_text(question))
         lift = np.maximum(asked - self._baseline, 0.0)  # [layers, kv_heads, n_doc]
         # each layer and head keeps its own tokens, so a slot's lift goes to the token it holds there
-        pos = memory.slot_scores()[1][..., : memory.n_doc].numpy()  # [layers, kv_heads, n_doc]
+        pos = memory.slot_scores()[1][..., : memory.n_doc].cpu().numpy()  # [layers, kv_heads, n_doc]
         in_doc = pos >= max(self.config.sinks, self.prefix_tokens)  # sinks draw attention whatever is asked
         return recall.attention_by_passage(self.index, (pos - self.prefix_tokens)[in_doc], lift[in_doc])
 
@@ -370,8 +373,9 @@ class ReadingSession:
         Scores are the per-slot sums the frozen memory kept during the answer (fixed size).
         """
         score, pos = memory.slot_scores()  # [layers, kv_heads, slots]
-        w = score.reshape(-1).numpy()  # several layers and heads may hold one token: their weights add up
-        p = pos.reshape(-1).numpy()
+        # a few MB moved to the host (scores and positions only, never keys or values)
+        w = score.reshape(-1).cpu().numpy()  # several layers and heads may hold one token: their weights add up
+        p = pos.reshape(-1).cpu().numpy()
         doc_tokens = self.read_result.doc_tokens
         doc = np.full_like(p, -1)
         in_doc = (p >= max(self.config.sinks, self.prefix_tokens)) & (p < memory.doc_seen)
@@ -428,6 +432,12 @@ class ReadingSession:
                 "span": self.config.span, "cascades": self.config.cascades,
                 "tail_slots": self.answering.tail_slots(256),
                 "index_mb": self.index.nbytes_on_disk() / 2 ** 20 if self.index else 0.0}
+
+    def device_report(self) -> dict:
+        """Where the model runs and the peak memory per device so far (CPU: RSS; CUDA: allocated)."""
+        device = self.engine.device
+        return {"device": str(device), "dtype": str(self.engine.dtype).removeprefix("torch."),
+                "peak_memory_mb": peak_memory_mb(device)}
 
     # ---------------------------------------------------------------- snapshots
     def manifest(self) -> dict:
@@ -487,7 +497,8 @@ class ReadingSession:
                                       segments=[documents.Segment(s["text"], s["label"], s["meta"]) for s in doc["segments"]])
         self._use_config(CacheConfig(**man["config"]))
         cache = self.engine.new_cache()
-        cache.load_state({k[len("cache."):]: v for k, v in tensors.items() if k.startswith("cache.")})
+        cache.load_state({k[len("cache."):]: v.to(self.engine.device) for k, v in tensors.items()
+                          if k.startswith("cache.")})
         source_map = documents.SourceMap.from_arrays(
             document, {k[len("map."):]: v.numpy() for k, v in tensors.items() if k.startswith("map.")})
         result = ReadResult(**man["read"])
@@ -507,7 +518,7 @@ def retention_of(cache: KVCache, prefix_tokens: int, layer: int | None = None) -
     layers = range(cache.n_layers) if layer is None else [layer]
     pos = torch.stack([cache.original_positions(l)[0] for l in layers]) - prefix_tokens  # [layers, kv_heads, slots]
     pos = torch.where(pos >= 0, pos, torch.full_like(pos, -1))
-    out = {"positions": pos.numpy(), "seen": cache.seen - prefix_tokens, "layers": list(layers)}
+    out = {"positions": pos.cpu().numpy(), "seen": cache.seen - prefix_tokens, "layers": list(layers)}
     if hasattr(cache, "cascade_of_slot"):
         out["cascade"] = cache.cascade_of_slot().numpy()  # [slots]: -1 sinks, i for cascade i
     return out
