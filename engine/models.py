@@ -21,6 +21,9 @@ from typing import Callable
 
 import torch
 
+from . import hub
+from .architectures import check_architecture
+from .devices import parse_device
 from .errors import UserError
 
 
@@ -183,10 +186,11 @@ def _bos_text(tokenizer) -> str:
     return tokenizer.bos_token if ids and ids[0] == bos_id else ""
 
 
-def default_dtype() -> torch.dtype:
-    """bfloat16 where the CPU computes it natively (AVX512-BF16/AMX: ~2x faster reading here, same
-    answers in our checks) or on CUDA; float32 otherwise."""
-    if torch.cuda.is_available():
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bfloat16 on CUDA, and on CPUs that compute it natively (AVX512-BF16/AMX: ~2x faster reading here,
+    same answers in our checks); float32 otherwise. device None: where "auto" would run."""
+    device = torch.device(device) if device is not None else parse_device("auto")
+    if device.type == "cuda":
         return torch.bfloat16
     try:
         if torch.ops.mkldnn._is_mkldnn_bf16_supported() and _cpu_has("avx512_bf16", "amx_bf16"):
@@ -204,24 +208,27 @@ def _cpu_has(*flags: str) -> bool:
     return any(f in info for f in flags)
 
 
-def parse_dtype(name: str | None) -> torch.dtype:
+def parse_dtype(name: str | None, device: torch.device | str | None = None) -> torch.dtype:
     if name in (None, "auto"):
-        return default_dtype()
+        return default_dtype(device)
     if name not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not '{name}'")
     return getattr(torch, name)
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype | str | None = None,
-               say: Callable[[str], None] = print) -> LoadedModel:
+               say: Callable[[str], None] = print, device: torch.device | str | None = None) -> LoadedModel:
     """Load a model by spec: a packaged name, a local HF folder, a .gguf file, or a hub id.
 
-    dtype: a torch dtype, "auto"/None (bfloat16 where the CPU supports it natively), or a name.
+    dtype: a torch dtype, "auto"/None (bfloat16 on CUDA or where the CPU supports it natively), or a name.
+    device: "auto"/None (CUDA when available), "cpu", "cuda[:N]"; refused in one line before loading.
+    The architecture is checked from the config before any weights are read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    device = parse_device(device)
     if not isinstance(dtype, torch.dtype):
-        dtype = parse_dtype(dtype)
+        dtype = parse_dtype(dtype, device)
     spec = spec or DEFAULT_MODEL
     path = Path(spec).expanduser()
     kwargs: dict = {}
@@ -243,12 +250,15 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str | None = None,
         raise UserError(f"unknown model '{spec}': use one of {known}, a model folder, a .gguf file or a hub id")
     else:
         source, model_id = spec, spec
+        kwargs.update(hub.access(spec))
     try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        check_architecture(config, f"model '{spec}'")
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except OSError as e:  # hub unreachable, missing files
+    except OSError as e:  # missing files, a hub id that does not exist
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model '{spec}': {first}") from None
-    model.eval()
+    model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tok, spec=spec, model_id=model_id,
                        prompt_format=prompt_format or _prompt_format(tok), bos=_bos_text(tok) if bos is None else bos)
