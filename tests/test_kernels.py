@@ -1,17 +1,27 @@
-"""Triton kernels against the torch reference, run by Triton's interpreter on CPU (small shapes).
+"""Triton kernels against the torch reference: by Triton's interpreter on CPU (small shapes), or
+compiled on CUDA with TRITON_INTERPRET=0 CASCADE_TEST_DEVICE=cuda (scripts/gpu_check.sh).
 
 TRITON_INTERPRET must be set before Triton is first imported (triton.jit picks the interpreter at
 decoration time, for Triton's own tl.* helpers too); conftest.py sets it before any test module loads.
 """
 
+import os
+
 import pytest
 import torch
+
+from conftest import device_under_test
 
 from engine.attention import chunk_attention as reference
 from engine.attention import query_weights, window_bias
 
 triton_attention = pytest.importorskip("engine.kernels.triton_attention")
 triton_push = pytest.importorskip("engine.kernels.triton_push")
+
+DEVICE = device_under_test()
+if os.environ.get("TRITON_INTERPRET") == "0" and DEVICE.type != "cuda":
+    pytest.skip("compiled Triton kernels need CUDA: set CASCADE_TEST_DEVICE=cuda, or TRITON_INTERPRET=1 to interpret",
+                allow_module_level=True)
 
 
 def inputs(batch, kv_heads, group, slots, length, head_dim, dtype, empty=0.0, seed=0):
@@ -23,7 +33,7 @@ def inputs(batch, kv_heads, group, slots, length, head_dim, dtype, empty=0.0, se
     kn = r(batch, length, kv_heads, head_dim).transpose(1, 2)
     vn = r(batch, length, kv_heads, head_dim).transpose(1, 2)
     valid = torch.rand(slots, generator=g) >= empty
-    return q, kc, vc, valid, kn, vn
+    return tuple(t.to(DEVICE) for t in (q, kc, vc, valid, kn, vn))
 
 
 CASES = [  # batch, kv_heads, group, slots, L, head_dim, dtype, share of empty slots
@@ -61,8 +71,8 @@ def test_without_scores_and_sliding_window_mask():
     out, cs, ns = triton_attention.chunk_attention(q, kc, vc, valid, kn, vn, 0.125)
     assert cs is None and ns is None
     assert torch.allclose(out, reference(q, kc, vc, valid, kn, vn, 0.125)[0], atol=1e-5)
-    cache_pos = torch.randperm(21, generator=torch.Generator().manual_seed(1)).masked_fill(~valid, 0)
-    bias = window_bias(cache_pos, valid, 21 + torch.arange(13), 9)  # Gemma-3 sliding layer
+    cache_pos = torch.randperm(21, generator=torch.Generator().manual_seed(1)).to(DEVICE).masked_fill(~valid, 0)
+    bias = window_bias(cache_pos, valid, 21 + torch.arange(13, device=DEVICE), 9)  # Gemma-3 sliding layer
     want = reference(q, kc, vc, valid, kn, vn, 0.125, window_bias=bias)[0]
     got = triton_attention.chunk_attention(q, kc, vc, valid, kn, vn, 0.125, window_bias=bias)[0]
     assert torch.allclose(got, want, atol=1e-5)
@@ -88,8 +98,8 @@ def test_scores_equal_brute_force_column_sums(group, head_reduce):
     q, kc, vc, valid, kn, vn = inputs(2, 2, group, 23, 11, 64, torch.float32, 0.25, seed=3)
     _, cs, ns = triton_attention.chunk_attention(q, kc, vc, valid, kn, vn, 0.1, weights=query_weights(11, 0.9),
                                                  head_reduce=head_reduce)
-    want = brute_force_scores(q, torch.cat((kc, kn), 2), valid, 0.1, 0.9, group, head_reduce)
-    assert torch.allclose(torch.cat((cs, ns), -1), want, atol=1e-5)
+    want = brute_force_scores(q.cpu(), torch.cat((kc, kn), 2).cpu(), valid.cpu(), 0.1, 0.9, group, head_reduce)
+    assert torch.allclose(torch.cat((cs, ns), -1).cpu(), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("sinks,window,cascades,chunks", [
@@ -100,15 +110,15 @@ def test_push_kernel_matches_torch_push(sinks, window, cascades, chunks):
     from engine.cache import CacheConfig, CascadeCache
 
     config = CacheConfig(sinks=sinks, window=window, cascades=cascades, beta=0.9)
-    want, got = (CascadeCache(config, 1, 2, 16, batch=2) for _ in range(2))
+    want, got = (CascadeCache(config, 1, 2, 16, batch=2, device=DEVICE) for _ in range(2))
     g = torch.Generator().manual_seed(sinks)
     for length in chunks:
         plan_want, plan_got = want.plan(length), got.plan(length)
-        k = torch.randn(2, length, 2, 16, generator=g).transpose(1, 2)  # strided, as from transformers
-        v = torch.randn(2, length, 2, 16, generator=g).transpose(1, 2)
+        k = torch.randn(2, length, 2, 16, generator=g).to(DEVICE).transpose(1, 2)  # strided, as from transformers
+        v = torch.randn(2, length, 2, 16, generator=g).to(DEVICE).transpose(1, 2)
         slots = sinks + window
-        cache_score = torch.rand(2, 2, slots, generator=g) * (torch.rand(slots, generator=g) < 0.7)
-        chunk_score = torch.randint(0, 3, (2, 2, length), generator=g).float()  # many ties
+        cache_score = (torch.rand(2, 2, slots, generator=g) * (torch.rand(slots, generator=g) < 0.7)).to(DEVICE)
+        chunk_score = torch.randint(0, 3, (2, 2, length), generator=g).float().to(DEVICE)  # many ties
         want.push(0, plan_want, k, v, cache_score, chunk_score)
         triton_push.push(got, 0, plan_got, k, v, cache_score, chunk_score)
         want.commit(plan_want)
