@@ -32,6 +32,23 @@ def test_bad_devices_are_one_line_errors():
     assert parse_device("CPU") == torch.device("cpu")
 
 
+@pytest.mark.parametrize("command", [["ask", "missing.txt", "-q", "x"], ["bench", "--kernels"], ["eval", "passkey"]])
+def test_the_cli_refuses_a_bad_device_before_anything_else(command, capsys):
+    from engine.cli import main
+
+    assert main([*command, "--device", "tpu"]) == 2  # before the missing document, a benchmark or a model load
+    assert capsys.readouterr().err.strip() == "error: device must be auto, cpu, cuda or cuda:N, not 'tpu'"
+
+
+def test_launch_refuses_a_bad_device_before_the_server_starts(capsys):
+    from app.main import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cuda:x"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "launch.py: device must be auto, cpu, cuda or cuda:N, not 'cuda:x'"
+
+
 def test_auto_is_cuda_when_there_is_one_else_the_cpu():
     device = parse_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
