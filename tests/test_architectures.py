@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import reference_logits
+from conftest import device_under_test, reference_logits
 from engine.architectures import SUPPORTED
 from engine.cache import CacheConfig, HybridCache
 from engine.errors import UserError
@@ -34,7 +34,7 @@ ARCHITECTURES = {  # name -> (config class, model class, what makes it that arch
 def tiny(name: str) -> LoadedModel:
     config_class, model_class, extra = ARCHITECTURES[name]
     torch.manual_seed(0)
-    model = model_class(config_class(**{**COMMON, **extra})).eval()
+    model = model_class(config_class(**{**COMMON, **extra})).eval().to(device_under_test())
     return LoadedModel(model=model, tokenizer=None, spec=name, model_id=name, prompt_format="plain")
 
 
@@ -89,7 +89,7 @@ def test_cascade_invariants_after_eviction(arch):
     w = window // cascades
     ring0 = slice(sinks, sinks + w)  # cascade 0 takes every token: it holds exactly the last w
     for layer in range(main.n_layers):
-        pos = main.pos[layer][0]  # [kv_heads, slots]
+        pos = main.pos[layer][0].cpu()  # [kv_heads, slots]
         assert torch.equal(pos[:, :sinks], torch.arange(sinks).expand_as(pos[:, :sinks]))
         assert torch.equal(pos[:, ring0].sort(dim=1).values, torch.arange(n - w, n).expand(pos.shape[0], w))
         for head in pos:
@@ -98,7 +98,7 @@ def test_cascade_invariants_after_eviction(arch):
     if isinstance(cache, HybridCache):  # Gemma-3's sliding layers keep their own window of the latest tokens
         keep = cache.sliding_window - 1
         for layer in range(cache.sliding.n_layers):
-            held = cache.sliding.pos[layer][0].sort(dim=1).values
+            held = cache.sliding.pos[layer][0].cpu().sort(dim=1).values
             assert torch.equal(held, torch.arange(n - keep, n).expand_as(held))
 
 
@@ -116,8 +116,8 @@ def test_unsupported_architecture_is_refused_in_one_line(config_class, model_typ
 def test_sliding_window_everywhere_bounds_the_cache():
     config_class, model_class, extra = ARCHITECTURES["mistral"]
     torch.manual_seed(0)
-    slides = LoadedModel(model_class(config_class(**{**COMMON, **extra, "sliding_window": 64})).eval(), None, "m", "m",
-                         "plain")
+    model = model_class(config_class(**{**COMMON, **extra, "sliding_window": 64})).eval().to(device_under_test())
+    slides = LoadedModel(model, None, "m", "m", "plain")
     with pytest.raises(UserError, match="sliding window of 64 tokens.*lower --window"):
         Engine(slides, CacheConfig(sinks=4, window=64, cascades=4), stride=16)
     with pytest.raises(UserError, match="full"):
