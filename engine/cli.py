@@ -235,6 +235,10 @@ def cmd_bench(args) -> int:
         from .kernels.bench import run_kernel_bench
 
         res = run_kernel_bench(args.out, sizes=args.sizes)
+    elif args.answers:
+        from .bench_answers import run_answer_bench
+
+        res = run_answer_bench(args)
     else:
         from .bench import run_read_bench
 
@@ -275,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full-max", type=int, default=32768, help="longest length to run full attention at")
     b.add_argument("--kernels", action="store_true", help="time the attention kernels instead (GPU benchmark)")
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="prompt sizes for --kernels")
+    b.add_argument("--answers", type=int, default=0,
+                   help="instead of reading speed: RSS after reading Exodus and after each of N answers")
+    b.add_argument("--doc-chars", type=int, default=40_000, help="characters of Exodus read for --answers")
+    b.add_argument("--max-new-tokens", type=int, default=256, help="answer length for --answers")
     b.add_argument("--out", default="results/bench", help="output folder")
     b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes to compare")
     e = sub.add_parser("eval", help="passkey / perplexity / QA evaluations")

@@ -93,6 +93,7 @@ class AnswerSettings:
         return self.recall_tokens + self.conversation_tokens + self.question_tokens + 96 + max_new_tokens
 
 
+ANSWER_TOKENS = 256  # the answer length the answer memory is first sized for (longer ones resize it)
 RECALL_INTRO = "Passages of the document that may answer the question:\n\n"
 RECALL_ASK = "Answer from the document. "
 BASELINE_QUESTION = "What is this document about?"  # the attention of a question with no particular target
@@ -165,7 +166,10 @@ class ReadingSession:
         self.document, self.source_map, self.doc_cache = document, source_map, cache
         self.prefix_tokens, self.read_result = prefix_tokens, result
         self.index, self.index_note = index, index_note
-        self.turns, self._baseline, self._answer_memory = [], None, None
+        self.turns, self._baseline = [], None
+        # The answer memory is part of the fixed budget: allocate it now, not at the first question,
+        # so memory after reading is memory while answering.
+        self._answer_memory = freeze(cache, self.answering.tail_slots(ANSWER_TOKENS), self._answer_memory)
 
     def reset_conversation(self) -> None:
         self.turns = []
@@ -271,9 +275,7 @@ class ReadingSession:
         sliding = cache.sliding.clone() if isinstance(cache, HybridCache) else None
         memory.scored = True
         memory.reset_scores()
-        ids = self._ids(text)
-        for i in range(0, len(ids), self.stride):
-            self.engine.forward(torch.tensor([ids[i: i + self.stride]]), cache)
+        self.engine.prefill(self._ids(text), cache, logits="none")
         score, _ = memory.slot_scores()  # [layers, kv_heads, slots]
         per_slot = score[..., : memory.n_doc]
         memory.truncate(0)

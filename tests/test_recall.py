@@ -180,6 +180,39 @@ def test_frozen_memory_scores_are_fixed_size_and_hide_document_masks(tiny_llama)
     assert float(score[..., :4].sum()) > 0 and float(score[..., : frozen.n_doc][..., recent].sum()) > 0
 
 
+def test_hidden_document_is_skipped_not_masked_with_the_same_result(tiny_llama):
+    """hide_document(recent=0) moves the sinks next to the tail and attends to sinks + tail only:
+    the logits must equal attention over every slot with the hidden ones masked."""
+    ids = torch.randint(0, 257, (500,), generator=torch.Generator().manual_seed(6)).tolist()
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=64, cascades=4), stride=64)
+    doc = engine.new_cache()
+    engine.read([ids], doc)
+    skipped, masked = freeze(doc, tail_slots=64), freeze(doc, tail_slots=64)
+    skipped.hide_document(sinks=4)
+    keep = torch.zeros_like(masked.doc_valid)
+    keep[:4] = True
+    masked.doc_valid = masked.doc_valid & keep  # the plain rule: every slot in view, hidden ones masked
+    assert skipped.first == skipped.n_doc - 4 and masked.first == 0
+    assert skipped.resident(0)[0].shape[2] == 4 and masked.resident(0)[0].shape[2] == masked.n_doc
+    tail = [7, 8, 9, 10, 11]
+    a = torch.cat([engine.forward(torch.tensor([tail[:3]]), skipped, logits="all"),
+                   engine.forward(torch.tensor([tail[3:]]), skipped, logits="all")], 1)
+    b = torch.cat([engine.forward(torch.tensor([tail[:3]]), masked, logits="all"),
+                   engine.forward(torch.tensor([tail[3:]]), masked, logits="all")], 1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert freeze(doc, tail_slots=64, reuse=skipped).first == 0  # the next question sees everything again
+
+
+def test_prompt_chunks_are_strides_then_powers_of_two():
+    from engine.runtime import tail_chunks
+
+    for n in (1, 5, 63, 411, 512, 1000, 1537):
+        lengths = tail_chunks(n, 512)
+        assert sum(lengths) == n
+        assert all(x == 512 or (x & (x - 1)) == 0 for x in lengths)  # never a new matrix shape
+    assert tail_chunks(411, 512) == [256, 128, 16, 8, 2, 1]
+
+
 # ------------------------------------------------------------------ the real path
 
 
