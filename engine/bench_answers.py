@@ -8,7 +8,6 @@ equal RSS after reading (target: growth <= 2%). Each policy runs in its own proc
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +66,7 @@ def worker(job: dict) -> dict:
 
 def run_answer_bench(args) -> dict:
     """`python -m engine bench --answers N`: one process per policy; JSON in --out."""
+    from .bench import run_worker, vars_of
     from .cache import CacheConfig
     from .errors import UserError
 
@@ -83,12 +83,7 @@ def run_answer_bench(args) -> dict:
                "answers": args.answers, "max_new_tokens": args.max_new_tokens}
         print(f"bench: {policy}: read {args.doc_chars} chars of Exodus, then {args.answers} answers...",
               file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "engine.bench_answers", json.dumps(job)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
-            raise UserError(f"bench: the {policy} answer run failed: {last}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = run_worker("engine.bench_answers", job, f"the {policy} answer run")
         rows.append(row)
         print(f"  RSS {row['rss_after_read_mb']:.0f} MB after reading -> "
               + ", ".join(f"{a['rss_mb']:.0f}" for a in row["answers"]) + f" MB (growth {row['growth']:+.1%})",
@@ -96,9 +91,7 @@ def run_answer_bench(args) -> dict:
     summary = {r["policy"]: {"growth": r["growth"], "max_growth": r["max_growth"],
                              "target_met": r["max_growth"] <= 0.02} for r in rows}
     path = out / "answer_memory.json"
-    path.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()
-                                             if isinstance(v, (int, float, str, list, type(None)))},
-                                "rows": rows, "summary": summary}, indent=1))
+    path.write_text(json.dumps({"settings": vars_of(args), "rows": rows, "summary": summary}, indent=1))
     return {"rows": rows, "summary": summary, "json": str(path)}
 
 
