@@ -20,6 +20,7 @@ from .attention import mask_bias, query_weights, window_bias
 from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
 from .models import LoadedModel
+from .worker import turn
 
 ATTENTION_NAME = "cascade"
 
@@ -211,6 +212,7 @@ class Engine:
 
         def run(chunk: list[int]):
             nonlocal read
+            turn()  # a chunk is one step: other sessions' work goes first if it waits (engine.worker)
             if should_stop is not None and should_stop():
                 raise Cancelled(f"reading cancelled after {read} tokens")
             self.forward(torch.tensor([chunk]), cache, logits=logits)
@@ -245,6 +247,7 @@ class Engine:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         logits = None
         for i in range(0, len(prompt_ids), self.stride):
+            turn()
             logits = self.forward(torch.tensor([prompt_ids[i: i + self.stride]]), cache, logits="last")
         if logits is None:
             raise ValueError("generate needs a non-empty prompt")
@@ -252,6 +255,7 @@ class Engine:
             after_prompt()
         generated: list[int] = []
         for _ in range(max_new_tokens):
+            turn()  # a token is one step (engine.worker)
             if should_stop is not None and should_stop():
                 return
             next_logits = logits[0, -1]
