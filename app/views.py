@@ -245,12 +245,22 @@ def _duration(s: float) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
-def facts_markdown(session) -> str:
+def facts_markdown(session, watched_s: float | None = None, snapshot: str | None = None) -> str:
+    """watched_s: the read (or snapshot load) as the user waited for it, turns with others included;
+    snapshot: the snapshot's name when the document was loaded from one."""
     d, r, b, cfg = session.document, session.read_result, session.budget(), session.config
     n = len(d.segments)
+    if snapshot:
+        timing = (f"- loaded from snapshot **{html.escape(snapshot)}** in {_duration(watched_s or 0)} "
+                  f"(it was read in {_duration(r.seconds)} at {r.tokens_per_second:,.0f} tokens/s)")
+    elif watched_s is not None and watched_s > r.seconds + 1:
+        timing = (f"- read in {_duration(watched_s)} ({_duration(r.seconds)} of it on the model, at "
+                  f"{r.tokens_per_second:,.0f} tokens/s; the rest was waiting for turns)")
+    else:
+        timing = f"- read in {_duration(watched_s or r.seconds)} ({r.tokens_per_second:,.0f} tokens/s)"
     lines = [f"**{d.title}** · {d.kind} · {n:,} {d.units if n != 1 else d.units.rstrip('s')}",
              f"- **{r.doc_tokens:,} tokens**, all read (nothing truncated); prompt prefix {r.prompt_tokens} tokens",
-             f"- read in {_duration(r.seconds)} ({r.tokens_per_second:,.0f} tokens/s)"]
+             timing]
     if b["slots"]:
         split = (f"{cfg.sinks} sinks + {cfg.window:,} window in {cfg.effective_cascades} cascade"
                  f"{'s' if cfg.effective_cascades != 1 else ''} of {cfg.cascade_slots:,}")
@@ -264,6 +274,21 @@ def facts_markdown(session) -> str:
     else:
         lines.append(f"- cache: **every token** ({b['cache_mb']:.1f} MB, grows with the document), policy **full**")
     return "\n".join(lines)
+
+
+def turn_note(others: list[tuple[str, float]]) -> str:
+    """What the model is busy with, for a session that shares it: engine.worker takes one step (a read
+    chunk or a token) per session in turn, so a waiting session starts within one round of the
+    others' steps, and runs at about 1 / (sessions) of its own speed while they work."""
+    if not others:
+        return ""
+    n = len(others)
+    doing = sorted({label for label, _ in others if label})
+    round_s = sum(step for _, step in others)
+    start = f"within about {round_s:.1f} s" if round_s else "after their current step"
+    return (f"The model is busy with {n} other reader{'s' if n != 1 else ''} ({', '.join(doing) or 'starting'}); "
+            f"you take turns: your next step comes {start}, and your work runs at about 1/{n + 1} speed "
+            f"while theirs lasts.")
 
 
 def settings_note(config, stride: int) -> str:

@@ -162,8 +162,11 @@ class Lane:
             return fn(*args, **kwargs)
         return self.submit(fn, *args, **kwargs).result()
 
-    def iterate(self, make: Callable[[], Iterator[T]]) -> Iterator[T]:
+    def iterate(self, make: Callable[[], Iterator[T]], waiting=_END, every_s: float = 0.5) -> Iterator[T]:
         """Run the iterator that make() returns on the model thread, yielding its items here as they come.
+
+        With `waiting` given, that value is yielded whenever no item came for every_s seconds, so a
+        consumer can say why it waits (other owners' turns) while it waits.
 
         Each item is a step (other owners get a turn between items). Closing this generator (the
         consumer went away) stops the producer at its next item; callers that can also stop a long
@@ -195,7 +198,11 @@ class Lane:
         self.submit(work)
         try:
             while True:
-                ok, item = items.get()
+                try:
+                    ok, item = items.get(timeout=None if waiting is _END else every_s)
+                except queue.Empty:
+                    yield waiting
+                    continue
                 if not ok:
                     raise item
                 if item is _END:

@@ -215,9 +215,10 @@ def test_read_ask_cite_retention_export_snapshot(app_url, browser, tmp_path):
     page.get_by_role("tab", name="Snapshots").click()
     page.fill("#snap-name textarea", "harbour test")
     page.click("#snap-save")
-    page.wait_for_selector("#snap-status :text('Saved harbour_test')", timeout=30_000)
+    page.wait_for_selector("#snap-status :text('Saved harbour test')", timeout=30_000)
+    assert "/" not in page.inner_text("#snap-status")  # no server folder in the message
     page.click("#snap-load")
-    page.wait_for_selector("#snap-status :text('Loaded harbour_test')", timeout=60_000)
+    page.wait_for_selector("#snap-status :text('Loaded harbour test')", timeout=60_000)
 
 
 def test_cancel_a_long_read_and_tabs_are_independent(app_url, browser):
@@ -232,14 +233,22 @@ def test_cancel_a_long_read_and_tabs_are_independent(app_url, browser):
     total = int(re.search(r"/ ([\d,]+) tokens", a.inner_text("#progress .label")).group(1).replace(",", ""))
     assert total > 25_000, "the long text should be ~30k tokens"
 
-    # another tab's Cancel does not touch this read; its own Read waits in the queue
+    # another tab's Cancel does not touch this read
     b.click("#cancel")
     before = progress_tokens(a)
     a.wait_for_function(f"parseInt(document.querySelector('#progress .label').innerText.split(': ')[1]"
                         f".replace(/,/g, '')) > {before}", timeout=60_000)
+
+    # fair turns: b's short read takes turns with a's long one instead of waiting for all of it, and
+    # b is told in words that the model is busy with another reader
+    b.fill("#pasted textarea", "A short memo: the boat leaves at noon from pier four.")
     b.click("#read")
-    b.wait_for_selector("#progress :text('queue')", timeout=30_000)
-    shot(b, "8-queued-tab")
+    b.wait_for_selector("#status :text('The model is busy with 1 other reader')", timeout=30_000)
+    shot(b, "8-sharing-tab")
+    b.wait_for_selector("#progress [data-state=done]", timeout=60_000)
+    still_reading = progress_tokens(a)
+    assert a.inner_text("#progress [data-state]") and 0 < still_reading < total  # a is not done yet
+    assert a.locator("#progress [data-state=reading]").count() == 1
 
     a.wait_for_selector("#live-map img", timeout=30_000)
     a.click("#cancel")
@@ -253,6 +262,3 @@ def test_cancel_a_long_read_and_tabs_are_independent(app_url, browser):
     shot(a, "7-cancelled")
     time.sleep(1.5)
     assert progress_tokens(a) == read  # nothing moves after a cancel
-
-    # b's queued read now runs: it has nothing to read, and says so
-    b.wait_for_selector("#status :text('upload a document or paste some text first')", timeout=60_000)
