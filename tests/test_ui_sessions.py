@@ -1,0 +1,145 @@
+"""Several people at once, in headless Chromium (issue 11): private sessions that survive a reload,
+private snapshots with a confirmed delete, a question asked during one's own read, and Stop in the
+section summary and in Compare saying what really happened. Shares the app and browser with
+test_ui.py (tests/ui_app.py)."""
+
+import re
+
+import pytest
+
+from ui_app import app_url, browser, open_app, progress_tokens, set_number, shot  # noqa: F401
+
+pytestmark = pytest.mark.real_model
+
+MEMO = ("Minutes of the lighthouse committee. The new lamp was ordered from Bergen. "
+        "The keeper of the lighthouse is named Oswin Tull, and he rings the bell at dusk. ") * 6
+
+
+def long_text(n: int, topic: str) -> str:
+    return " ".join(f"Line {i} of the {topic} log notes the wind, the tide and the boats in harbour." for i in range(n))
+
+
+def read_text(page, text, timeout=120_000):
+    page.fill("#pasted textarea", text)
+    page.click("#read")
+    page.wait_for_selector("#progress [data-state=done]", timeout=timeout)
+
+
+def snapshot_names(page) -> str:
+    page.get_by_role("tab", name="Snapshots").click()
+    page.locator("#snaps input").click()
+    names = page.inner_text("body") if page.locator("ul[role=listbox]").count() == 0 else \
+        page.inner_text("ul[role=listbox]")
+    page.keyboard.press("Escape")
+    return names
+
+
+def pick_snapshot(page, label):
+    page.locator("#snaps input").click()
+    page.locator("ul[role=listbox] li", has_text=label).first.click()
+
+
+def test_sessions_are_private_survive_reload_and_snapshots_need_confirming(app_url, browser):
+    a = open_app(browser, app_url)
+    read_text(a, MEMO)
+    a.fill("#question textarea", "Who is the keeper of the lighthouse?")
+    a.click("#ask")
+    a.wait_for_selector("#chat :text('Recalled passages')", timeout=120_000)
+    answer_before = a.inner_text("#chat")
+
+    a.get_by_role("tab", name="Snapshots").click()
+    a.fill("#snap-name textarea", "committee minutes")
+    a.click("#snap-save")
+    a.wait_for_selector("#snap-status :text('Saved committee minutes')", timeout=30_000)
+    assert "/" not in a.inner_text("#snap-status")  # fix 3: no server folder
+
+    # fix 3: another person's session neither lists nor can pick a's snapshot
+    b = open_app(browser, app_url, settings=False)
+    b.get_by_role("tab", name="Snapshots").click()
+    b.locator("#snaps input").click()
+    b.wait_for_timeout(500)
+    assert b.locator("ul[role=listbox] li", has_text="committee minutes").count() == 0
+    b.keyboard.press("Escape")
+
+    # fix 4: a reload keeps the session: chat, document facts, progress and the snapshot list come back
+    a.reload()
+    a.wait_for_selector("#facts :text('pasted text')", timeout=30_000)
+    a.wait_for_selector("#chat :text('Who is the keeper of the lighthouse?')", timeout=10_000)
+    assert "Recalled passages" in a.inner_text("#chat")
+    assert a.locator("#progress [data-state=done]").count() == 1
+    a.get_by_role("tab", name="Snapshots").click()
+    pick_snapshot(a, "committee minutes")  # listed without "Refresh list"
+    shot(a, "10-after-reload")
+
+    # fix 6: a cancelled read keeps the loaded document's facts on screen
+    a.click("#settings > button")
+    for elem_id, value in {"window": "256", "cascades": "4", "stride": "256"}.items():
+        set_number(a, elem_id, value)
+    a.fill("#pasted textarea", long_text(1500, "harbour"))
+    a.click("#read")
+    a.wait_for_function("/reading: [1-9]/.test(document.querySelector('#progress .label').innerText)",
+                        timeout=60_000)
+    a.click("#cancel")
+    a.wait_for_selector("#progress [data-state=cancelled]", timeout=60_000)
+    assert "previous document is still loaded" in a.inner_text("#status")
+    assert "pasted text" in a.inner_text("#facts") and "tokens" in a.inner_text("#facts")
+
+    # fix 6: loading a snapshot fills the document panel and says how long the load took
+    a.get_by_role("tab", name="Snapshots").click()
+    pick_snapshot(a, "committee minutes")
+    a.click("#snap-load")
+    a.wait_for_selector("#snap-status :text('Loaded committee minutes')", timeout=60_000)
+    assert a.locator("#progress [data-state=loaded]").count() == 1
+    assert "idle" not in a.inner_text("#progress") and progress_tokens(a) > 0
+    assert "loaded from snapshot committee minutes in" in a.inner_text("#facts")
+
+    # fix 3: delete asks first; "Keep it" keeps it, "Yes, delete it" deletes it
+    a.click("#snap-delete")
+    a.wait_for_selector("#snap-status :text('Delete committee minutes for good?')", timeout=10_000)
+    a.click("#snap-delete-no")
+    a.wait_for_selector("#snap-status :text('Kept.')", timeout=10_000)
+    pick_snapshot(a, "committee minutes")
+    a.click("#snap-delete")
+    a.click("#snap-delete-yes")
+    a.wait_for_selector("#snap-status :text('Deleted committee minutes')", timeout=10_000)
+    a.locator("#snaps input").click()
+    a.wait_for_timeout(500)
+    assert a.locator("ul[role=listbox] li", has_text="committee minutes").count() == 0
+    assert answer_before  # the chat was there before the reload too
+
+
+def test_ask_during_own_read_and_stop_summary_and_compare(app_url, browser):
+    page = open_app(browser, app_url)
+    # fix 1: a question asked while one's own document is still being read waits for it and is answered
+    page.fill("#pasted textarea", long_text(250, "ferry") + " " + MEMO)
+    page.click("#read")
+    page.wait_for_function("/reading: [1-9]/.test(document.querySelector('#progress .label').innerText)",
+                           timeout=60_000)
+    page.fill("#question textarea", "Who is the keeper of the lighthouse?")
+    page.click("#ask")
+    page.wait_for_selector("#progress [data-state=done]", timeout=120_000)
+    page.wait_for_selector("#chat :text('Recalled passages')", timeout=120_000)
+    chat = page.inner_text("#chat")
+    assert "(no answer)" not in chat and "(stopped)" not in chat, chat
+    answer = chat.split("Who is the keeper of the lighthouse?", 1)[1].split("Recalled passages", 1)[0].strip()
+    assert answer, chat
+
+    # fix 5: stopping a section summary says it stopped, not "Done"
+    page.get_by_role("tab", name="Summary").click()
+    page.get_by_label("Section by section (re-reads the document)").check()
+    set_number(page, "max-new", "64")
+    page.click("#summarize")
+    page.wait_for_selector("#summary :text('Re-reading section by section')", timeout=60_000)
+    page.click("#sum-stop")
+    page.wait_for_selector("#summary :text('Stopped')", timeout=60_000)
+    assert "Done:" not in page.inner_text("#summary")
+
+    # fix 7: Stop in Compare ends both columns; the one that never started says so, and reading shows an ETA
+    page.get_by_role("tab", name="Compare").click()
+    page.fill("#compare-question textarea", "Who is the keeper?")
+    page.click("#compare")
+    page.wait_for_selector("#compare-a :text('ETA')", timeout=60_000)
+    page.click("#compare-stop")
+    page.wait_for_selector("#compare-b :text('Stopped before it started')", timeout=30_000)
+    assert "waiting" not in page.inner_text("#compare-b")
+    shot(page, "11-compare-stopped")
