@@ -534,7 +534,8 @@ def retention_view(st: UserState, rows, layer, head, position, count):
     rows = "cascade" if rows == "cascades of one layer" else "layer"
     img = views.retention_map_html(r, rows, layer, tick_labels=_tick_labels(st), recalled=_recalled(st))
     cfg = st.session.config
-    table = views.occupancy_table(r, layer, cfg.cascade_slots if cfg.slots else 0, cfg.sinks)
+    table = views.occupancy_table(r, layer, cfg.cascade_slots if cfg.slots else 0, cfg.sinks,
+                                  st.session.prefix_tokens)
     sm = st.session.source_map
     offsets = sm.offsets
     count = int(count or 1500)
@@ -806,8 +807,11 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                 facts = gr.Markdown("", elem_id="facts")
             with gr.Column(scale=3, min_width=480), gr.Tabs():
                 with gr.Tab("Chat", id="chat-tab"):
-                    chat = gr.Chatbot(height=460, elem_id="chat", label="Conversation", feedback_options=None,
-                                      buttons=["copy"], placeholder="Read a document, then ask about it.")
+                    # no floating label (it covered the messages when scrolled) and no built-in trash
+                    # icon (it sat on the first message's copy icon): "Clear chat" below does that
+                    chat = gr.Chatbot(height=460, elem_id="chat", label="Conversation", show_label=False,
+                                      feedback_options=None, buttons=["copy"],
+                                      placeholder="Read a document, then ask about it.")
                     mode = gr.Radio([("New question from the document", "new"),
                                      ("Continue the conversation", "continue")], value="new",
                                     label="Each question", elem_id="mode",
@@ -903,13 +907,14 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
         for b in (cancel_btn, stop_btn, sum_stop, cmp_stop):
             b.click(stop, [st], None, **instant)
 
+        # no Gradio progress on the chat: its pending bubble showed above the new question; ask() shows
+        # its own "…" (then who it waits for) below the question
         ask_args = dict(fn=ask, inputs=[st, question, chat, mode, max_new, temperature], outputs=[chat, question],
-                        show_progress="minimal", **model_work)
+                        show_progress="hidden", **model_work)
         for trigger in (ask_btn.click, question.submit):  # then mark the recalled passages on both maps
             trigger(arm, [st], None, **instant).then(**ask_args).then(live_map, [st], [live], queue=False).then(
                 retention_view, view_inputs, view_outputs, queue=False)
         clear_btn.click(clear_chat, [st], [chat], **instant)
-        chat.clear(clear_chat, [st], [chat], **instant)
         export_btn.click(export_chat, [st], [export_files, export_msg], queue=False)
 
         sum_btn.click(arm, [st], None, **instant).then(summarize, [st, sum_mode, max_new], [summary], show_progress="minimal", **model_work)

@@ -20,9 +20,11 @@ def long_text(n: int, topic: str) -> str:
 
 
 def read_text(page, text, timeout=120_000):
+    # mark the progress shown now, so that a "done" left from an earlier read does not count
+    page.evaluate("document.querySelector('#progress .read-progress').dataset.old = '1'")
     page.fill("#pasted textarea", text)
     page.click("#read")
-    page.wait_for_selector("#progress [data-state=done]", timeout=timeout)
+    page.wait_for_selector("#progress .read-progress[data-state=done]:not([data-old])", timeout=timeout)
 
 
 def snapshot_names(page) -> str:
@@ -108,13 +110,18 @@ def test_sessions_are_private_survive_reload_and_snapshots_need_confirming(app_u
     assert answer_before  # the chat was there before the reload too
 
 
-def test_ask_during_own_read_and_stop_summary_and_compare(app_url, browser):
+def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     page = open_app(browser, app_url)
     # fix 1: a question asked while one's own document is still being read waits for it and is answered
     page.fill("#pasted textarea", long_text(250, "ferry") + " " + MEMO)
     page.click("#read")
     page.wait_for_function("/reading: [1-9]/.test(document.querySelector('#progress .label').innerText)",
                            timeout=60_000)
+    # fix 9: record the chat on every change: no pending bubble may show above the new question
+    page.evaluate("""() => { window.__chat = [];
+        new MutationObserver(() => { const c = document.querySelector('#chat');
+            window.__chat.push({text: c.innerText, pending: c.querySelectorAll('.pending').length}); })
+            .observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true}); }""")
     page.fill("#question textarea", "Who is the keeper of the lighthouse?")
     page.click("#ask")
     page.wait_for_selector("#progress [data-state=done]", timeout=120_000)
@@ -123,16 +130,25 @@ def test_ask_during_own_read_and_stop_summary_and_compare(app_url, browser):
     assert "(no answer)" not in chat and "(stopped)" not in chat, chat
     answer = chat.split("Who is the keeper of the lighthouse?", 1)[1].split("Recalled passages", 1)[0].strip()
     assert answer, chat
+    for seen in page.evaluate("window.__chat"):
+        assert seen["pending"] == 0, seen
+        if "…" in seen["text"] and "Who is the keeper" in seen["text"]:
+            assert seen["text"].index("Who is the keeper") < seen["text"].index("…"), seen
+    # fix 9: no floating "Conversation" label over the messages, no trash icon over the copy icons
+    assert not page.locator("#chat :text-is('Conversation')").is_visible()
+    assert not page.locator("#chat button[aria-label='Clear']").is_visible()
 
-    # fix 5: stopping a section summary says it stopped, not "Done"
-    page.get_by_role("tab", name="Summary").click()
-    page.get_by_label("Section by section (re-reads the document)").check()
-    set_number(page, "max-new", "64")
-    page.click("#summarize")
-    page.wait_for_selector("#summary :text('Re-reading section by section')", timeout=60_000)
-    page.click("#sum-stop")
-    page.wait_for_selector("#summary :text('Stopped')", timeout=60_000)
-    assert "Done:" not in page.inner_text("#summary")
+    # fix 8: the sinks row says what its other slots hold; the cascades' colours are far apart
+    page.get_by_role("tab", name="Retention").click()
+    page.wait_for_selector("#retained-text mark", timeout=30_000)
+    assert "hold the prompt" in page.inner_text("#occupancy")
+    colours = page.evaluate("""() => [...document.querySelectorAll('#retained-text .legend mark')]
+        .map(m => getComputedStyle(m).backgroundColor.match(/\\d+/g).map(Number))""")
+    assert len(colours) >= 5  # sink + 4 cascades
+    for i in range(len(colours)):
+        for j in range(i):
+            assert sum(abs(x - y) for x, y in zip(colours[i], colours[j])) > 60, colours
+    page.get_by_role("tab", name="Chat").click()
 
     # fix 7: Stop in Compare ends both columns; the one that never started says so, and reading shows an ETA
     page.get_by_role("tab", name="Compare").click()
@@ -143,3 +159,17 @@ def test_ask_during_own_read_and_stop_summary_and_compare(app_url, browser):
     page.wait_for_selector("#compare-b :text('Stopped before it started')", timeout=30_000)
     assert "waiting" not in page.inner_text("#compare-b")
     shot(page, "11-compare-stopped")
+
+    # fix 5: stopping a section summary says it stopped, not "Done" (a one-section document: the stop
+    # lands in its section's answer, after which the engine still hands back a final summary)
+    page.get_by_role("tab", name="Chat").click()
+    read_text(page, MEMO)
+    page.get_by_role("tab", name="Summary").click()
+    page.get_by_label("Section by section (re-reads the document)").check()
+    set_number(page, "max-new", "64")
+    page.click("#summarize")
+    page.wait_for_selector("#summary :text('summarizing…')", timeout=60_000)  # in the section's answer
+    page.click("#sum-stop")
+    page.wait_for_selector("#summary :text('Stopped')", timeout=60_000)
+    assert "Done:" not in page.inner_text("#summary")
+    shot(page, "12-summary-stopped")
