@@ -37,6 +37,7 @@ T = TypeVar("T")
 THREAD_NAME = "cascade-model"
 STEP_EMA = 0.3  # weight of the newest step in an owner's mean step time (estimates for the others)
 _END = object()
+_STEPS_KEPT = 20_000  # recent steps, to say how long each job waited for its first one (start_waits)
 
 
 class _JobGreenlet(greenlet.greenlet):
@@ -50,6 +51,7 @@ class _Job:
     fn: Callable
     future: Future
     glet: _JobGreenlet | None = None
+    submitted: float = field(default_factory=time.monotonic)
 
     def run(self) -> None:
         if not self.future.set_running_or_notify_cancel():
@@ -71,6 +73,8 @@ class _Owner:
 _inbox: queue.SimpleQueue = queue.SimpleQueue()
 _owners: dict[Hashable, _Owner] = {}
 _owners_lock = threading.Lock()
+_steps: collections.deque = collections.deque(maxlen=_STEPS_KEPT)  # (end time, owner, seconds)
+_starts: collections.deque = collections.deque(maxlen=1000)  # one record per job, when it first ran
 _thread: threading.Thread | None = None
 _thread_lock = threading.Lock()
 
@@ -91,11 +95,17 @@ def turn() -> None:
 def _loop() -> None:
     lanes: dict[Hashable, collections.deque[_Job]] = {}
     order: collections.deque[Hashable] = collections.deque()  # owners with jobs, next one first
+    last = [None]  # the owner that took the latest step
 
     def take(job: _Job) -> None:
         if job.owner not in lanes:
             lanes[job.owner] = collections.deque()
-            order.append(job.owner)
+            # a newcomer goes ahead of the owner that just took a step (the back of the line), so it
+            # waits for that one step only, not for another round of it
+            if order and order[-1] == last[0]:
+                order.insert(len(order) - 1, job.owner)
+            else:
+                order.append(job.owner)
         lanes[job.owner].append(job)
 
     with torch.inference_mode():
@@ -114,9 +124,12 @@ def _loop() -> None:
                 job.glet = _JobGreenlet(job.run)
                 with _owners_lock:
                     _owners[owner].label = job.label
+                _record_start(job)
             t0 = time.perf_counter()
             job.glet.switch()
             spent = time.perf_counter() - t0
+            _steps.append((time.monotonic(), owner, spent))
+            last[0] = owner
             with _owners_lock:
                 info = _owners[owner]
                 info.step_s = spent if not info.step_s else (1 - STEP_EMA) * info.step_s + STEP_EMA * spent
@@ -129,6 +142,21 @@ def _loop() -> None:
                 if not lanes[owner]:
                     del lanes[owner]
                     order.remove(owner)
+
+
+def _record_start(job: _Job) -> None:
+    """How long the job waited for its first step, and how many steps of others ran meanwhile."""
+    others = [s for t, o, s in list(_steps) if t > job.submitted and o != job.owner]
+    _starts.append({"owner": job.owner, "label": job.label, "wait_s": time.monotonic() - job.submitted,
+                    "other_steps": len(others), "other_owners": len({o for t, o, _ in list(_steps)
+                                                                      if t > job.submitted and o != job.owner}),
+                    "longest_other_step_s": max(others, default=0.0)})
+
+
+def start_waits() -> list[dict]:
+    """One record per job started lately: owner, label, wait_s (submission to first step),
+    other_steps / other_owners (others' steps run while it waited), longest_other_step_s."""
+    return list(_starts)
 
 
 def _ensure_thread() -> None:

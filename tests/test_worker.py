@@ -103,6 +103,8 @@ def test_turns_are_fair_between_owners():
     # B's three steps interleave with A's: A took at most one step per B step (plus the ones before B came)
     first_short = log.index(("short", 0))
     assert long_steps_before - first_short <= 3, log[:done_at + 1]
+    start = next(r for r in worker.start_waits() if r["owner"] == "B")
+    assert start["other_steps"] <= 1 and start["label"] == "answering"  # at most one step of A's before B's first
     assert worker.busy_owners() == set()
 
 
