@@ -15,7 +15,8 @@ from . import sessions
 from .ui import ASSETS, build_app, css, get_model
 
 
-def main(argv=None) -> None:
+def main(argv=None, block: bool = True) -> gr.Blocks:
+    """Start the app; block=False returns once it serves (scripts/load_test.py runs it in-process)."""
     p = argparse.ArgumentParser(prog="launch.py", description="Start the Cascade Reader web UI")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=7860)
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 max_file_size=f"{args.max_upload_mb:g}mb",
                 allowed_paths=[str(ASSETS)], css=css(), theme=gr.themes.Soft(primary_hue="blue"),
-                footer_links=["gradio"], favicon_path=str(ASSETS / "icon.svg"))
+                footer_links=["gradio"], favicon_path=str(ASSETS / "icon.svg"), prevent_thread_lock=not block)
+    return demo
 
 
 if __name__ == "__main__":

@@ -75,6 +75,22 @@ def new_id() -> str:
     return secrets.token_urlsafe(24)
 
 
+def create() -> UserState:
+    """A new session with a fresh id, registered at once: model work a page starts before its load
+    event has run (a busy server) still runs in a lane of its own."""
+    st = UserState(sid=new_id())
+    with _LOCK:
+        _SESSIONS[st.sid] = st
+    return st
+
+
+def forget(st: UserState) -> None:
+    """Drop a session that never held anything (a page's fresh state, replaced by its restored one)."""
+    with _LOCK:
+        if _SESSIONS.get(st.sid) is st and st.session is None and not st.history:
+            del _SESSIONS[st.sid]
+
+
 def get(sid: str | None) -> tuple[UserState, bool]:
     """The session with this id (made anew for a missing, freed or foreign-looking one); -> (state, known)."""
     with _LOCK:

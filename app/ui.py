@@ -52,7 +52,7 @@ _MODELS_LOCK = threading.Lock()
 
 
 def new_state() -> UserState:
-    return UserState()
+    return sessions.create()
 
 
 def cache_retention(cache, prefix_tokens: int) -> dict:
@@ -732,10 +732,19 @@ def keep_snapshot():
 
 # ------------------------------------------------------------------ a session, found again after a reload
 
-def restore(sid):
-    """Page load: the session this browser had (its chat, document, snapshots), or a new one.
+def restore(sid, fresh: UserState):
+    """Page load: the session this browser had (its chat, document, snapshots), or else the page's own
+    fresh one (already registered), whose id the browser then keeps.
     -> (state, session id, chat, progress, status, facts, live map, snapshot list, 4 retention controls)."""
-    st, known = sessions.get(sid)
+    if sid and sid != fresh.sid:
+        st, known = sessions.get(sid)
+        if fresh.session is None and not fresh.own_work.locked():
+            sessions.forget(fresh)
+        else:  # the page started work before this ran (a busy server): keep what it started
+            st, known = fresh, True
+    else:
+        st, known = fresh, True
+    st.touch()
     skip = gr.skip()
     snaps = gr.update(choices=snapshot_choices(st), value=None)
     if st.session is None or st.session.document is None:
@@ -938,6 +947,6 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
         load_btn.click(load_snapshot, [st, snaps],
                        [snap_status, progress, facts, live, model, policy, window, cascades, sinks, stride, chat,
                         *controls], **snapshot_work).then(retention_view, view_inputs, view_outputs, queue=False)
-        demo.load(restore, [sid], [st, sid, chat, progress, status, facts, live, snaps, *controls],
+        demo.load(restore, [sid, st], [st, sid, chat, progress, status, facts, live, snaps, *controls],
                   queue=False).then(retention_view, view_inputs, view_outputs, queue=False)
     return demo
