@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ui_app import ANSWER_TOKENS, app_url, browser, open_app, progress_tokens, pymupdf, set_number, shot  # noqa: F401
+from ui_app import ANSWER_TOKENS, open_app, progress_tokens, pymupdf, set_number, shot
 
 pytestmark = pytest.mark.real_model
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ui_app import app_url, browser, open_app, progress_tokens, set_number, shot  # noqa: F401
+from ui_app import open_app, progress_tokens, set_number, shot
 
 pytestmark = pytest.mark.real_model
 

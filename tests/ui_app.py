@@ -1,6 +1,7 @@
 """The real app (launch.py, real default model, small cache settings) and headless Chromium, shared
-by the browser tests: one app process and one browser for the whole test run (session scope), so
-each UI test file costs only its own clicks.
+by the browser tests: one app process and one browser for the whole test run (the session fixtures
+app_url and browser in conftest.py wrap serve_app and chromium), so each UI test file costs only
+its own clicks.
 
 Debian's chromium is driven by Playwright's sync API (no browser download). Screenshots go to
 artifacts/ui/ so a person can look at what the tests saw.
@@ -36,8 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_url(tmp_path_factory):
+def serve_app(tmp_path_factory):
     """python launch.py on a free port, with snapshots in a temporary folder."""
     tmp = tmp_path_factory.mktemp("app")
     port = free_port()
@@ -67,8 +67,7 @@ def app_url(tmp_path_factory):
         proc.kill()
 
 
-@pytest.fixture(scope="session")
-def browser():
+def chromium():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=[
