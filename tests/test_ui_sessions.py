@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ui_app import open_app, progress_tokens, set_number, shot
+from ui_app import MAX_BUSY, MAX_UPLOAD_MB, open_app, progress_tokens, set_number, shot
 
 pytestmark = pytest.mark.real_model
 
@@ -173,3 +173,32 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     page.wait_for_selector("#summary :text('Stopped')", timeout=60_000)
     assert "Done:" not in page.inner_text("#summary")
     shot(page, "12-summary-stopped")
+
+
+def test_limits_busy_sessions_and_upload_size(app_url, browser, tmp_path):
+    # MAX_BUSY (3) sessions with long reads in flight: the next one is told so, in words, and nothing starts
+    readers = [open_app(browser, app_url) for _ in range(MAX_BUSY)]
+    for k, page in enumerate(readers):
+        page.fill("#pasted textarea", long_text(1500, f"busy{k}"))
+        page.click("#read")
+    for page in readers:
+        page.wait_for_function("/reading|waiting/.test(document.querySelector('#progress .label').innerText)",
+                               timeout=60_000)
+    late = open_app(browser, app_url, settings=False)
+    late.fill("#pasted textarea", MEMO)
+    late.click("#read")
+    late.wait_for_selector("#status :text('at capacity')", timeout=30_000)
+    assert "try again" in late.inner_text("#status")
+    assert late.locator("#progress [data-state='not started']").count() == 1
+    shot(late, "13-at-capacity")
+    for page in readers:
+        page.click("#cancel")
+    for page in readers:
+        page.wait_for_selector("#progress [data-state=cancelled]", timeout=60_000)
+
+    # an upload over --max-upload-mb is refused before it reaches the reader
+    big = tmp_path / "big.txt"
+    big.write_text("word " * (MAX_UPLOAD_MB * 1024 * 1024 // 5 + 1000))
+    late.set_input_files("#upload input[type=file]", str(big))
+    late.wait_for_selector(":text-matches('exceeds|too large|maximum', 'i')", timeout=20_000)
+    assert late.locator("#upload [aria-label='big.txt']").count() == 0

@@ -29,6 +29,7 @@ ARTIFACTS = ROOT / "artifacts" / "ui"
 SETTINGS = {"window": "256", "cascades": "4", "sinks": "64", "stride": "256"}
 ANSWER_TOKENS = "24"
 MAX_BUSY = 3  # small, so the capacity message can be reached with a few tabs
+MAX_UPLOAD_MB = 1
 
 
 def free_port() -> int:
@@ -46,7 +47,7 @@ def serve_app(tmp_path_factory):
     log_path = tmp / "app.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--host", "127.0.0.1", "--port", str(port),
-                                 "--max-busy", str(MAX_BUSY)],
+                                 "--max-busy", str(MAX_BUSY), "--max-upload-mb", str(MAX_UPLOAD_MB)],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
