@@ -162,6 +162,16 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     page.click("#sum-stop")
     page.wait_for_selector("#summary :text('Stopped')", timeout=60_000)
     assert "Done:" not in page.inner_text("#summary")
+
+    # fix 5: once every section is summarized, the note says the final summary is being written
+    page.evaluate("""() => { window.__notes = [];
+        new MutationObserver(() => { const n = document.querySelector('#summary .note');
+            if (n) window.__notes.push(n.innerText); })
+            .observe(document.querySelector('#summary'), {subtree: true, childList: true, characterData: true}); }""")
+    page.click("#summarize")
+    page.wait_for_selector("#summary :text('Done: 1 section')", timeout=120_000)
+    notes = page.evaluate("window.__notes")
+    assert any("Writing the final summary from 1 section summary" in n for n in notes), notes
     shot(page, "12-summary-stopped")
 
 
