@@ -74,13 +74,22 @@ def session_retention(session: ReadingSession) -> dict:
     return cache_retention(session.doc_cache, session.prefix_tokens)
 
 
-def _own_turn(st: UserState):
-    """Yields (for a waiting note) until this session's previous model work is done, then holds its
-    one-job lock: the caller releases st.own_work. A question asked during a read thus waits for the
-    read and is answered from the new document."""
+def _one_job_at_a_time(st: UserState, say, work):
+    """Run the generator work() as this session's model job: refused in words when too many sessions
+    are busy (sessions.busy_message), and started only after the session's previous job is done (a
+    question asked during a read waits for it and is answered from the new document). Meanwhile
+    say(text, refused) gives the handler's output that tells the person why they wait."""
+    busy = sessions.busy_message(st)
+    if busy:
+        yield say(f"⚠ {busy}", True)
+        return
     while not st.own_work.acquire(timeout=WAIT_POLL_S):
-        yield
+        yield say(_waiting_words(st), False)
     st.touch()
+    try:
+        yield from work()
+    finally:
+        st.own_work.release()
 
 
 def _waiting_words(st: UserState) -> str:
@@ -213,19 +222,13 @@ def read_document(st: UserState, file, pasted, model, policy, window, cascades, 
     def out(progress=skip, live=skip, status=skip, facts=skip, *rest):
         return (progress, live, status, facts, *(rest or (skip, skip, skip, skip)))
 
-    busy = sessions.busy_message(st)
-    if busy:
-        yield out(views.progress_html(0, None, 0, None, "not started"), status=f"⚠ {busy}")
-        return
-    for _ in _own_turn(st):
-        yield out(views.progress_html(0, None, 0, None, "waiting"), status=_waiting_words(st))
-    try:
-        yield from _read_own_turn(st, path, pasted, model, policy, window, cascades, sinks, stride, clicked, out)
-    finally:
-        st.own_work.release()
+    yield from _one_job_at_a_time(
+        st, lambda text, refused: out(views.progress_html(0, None, 0, None, "not started" if refused else "waiting"),
+                                      status=text),
+        lambda: _read(st, path, pasted, model, policy, window, cascades, sinks, stride, clicked, out))
 
 
-def _read_own_turn(st: UserState, path, pasted, model, policy, window, cascades, sinks, stride, clicked, out):
+def _read(st: UserState, path, pasted, model, policy, window, cascades, sinks, stride, clicked, out):
     skip = gr.skip()
     if st.stop.is_set():
         yield out(views.progress_html(0, None, 0, None, "cancelled"), status="Cancelled before reading started.")
@@ -371,18 +374,11 @@ def ask(st: UserState, message, history, mode, max_new_tokens, temperature):
         yield history, gr.skip()
         return
     history += [{"role": "user", "content": message}]
-    busy = sessions.busy_message(st)
-    if busy:
-        yield history + [{"role": "assistant", "content": f"⚠ {busy}"}], ""
-        return
-    pending = history + [{"role": "assistant", "content": "…"}]
-    yield pending, ""
-    for _ in _own_turn(st):
-        yield history + [{"role": "assistant", "content": f"*{_waiting_words(st)}*"}], gr.skip()
-    try:
-        yield from _answer(st, message, history, mode, max_new_tokens, temperature)
-    finally:
-        st.own_work.release()
+    yield history + [{"role": "assistant", "content": "…"}], ""
+    yield from _one_job_at_a_time(
+        st, lambda text, refused: (history + [{"role": "assistant", "content": text if refused else f"*{text}*"}],
+                                   gr.skip()),
+        lambda: _answer(st, message, history, mode, max_new_tokens, temperature))
 
 
 def _answer(st: UserState, message, history, mode, max_new_tokens, temperature):
@@ -448,16 +444,8 @@ def export_chat(st: UserState):
 # ------------------------------------------------------------------ summaries
 
 def summarize(st: UserState, mode, max_new_tokens):
-    busy = sessions.busy_message(st)
-    if busy:
-        yield views.plain_summary_html("", f"⚠ {busy}")
-        return
-    for _ in _own_turn(st):
-        yield views.plain_summary_html("", _waiting_words(st))
-    try:
-        yield from _summarize(st, mode, max_new_tokens)
-    finally:
-        st.own_work.release()
+    yield from _one_job_at_a_time(st, lambda text, refused: views.plain_summary_html("", text),
+                                  lambda: _summarize(st, mode, max_new_tokens))
 
 
 def _summarize(st: UserState, mode, max_new_tokens):
@@ -565,17 +553,10 @@ def jump_to(value):
 
 def compare(st: UserState, policy_a, policy_b, question, model, window, cascades, sinks, stride, max_new_tokens,
             temperature):
-    busy = sessions.busy_message(st)
-    if busy:
-        yield views.compare_html(policy_a, "error", note=f"⚠ {busy}"), ""
-        return
-    for _ in _own_turn(st):
-        yield views.compare_html(policy_a, "waiting", note=_waiting_words(st)), ""
-    try:
-        yield from _compare(st, policy_a, policy_b, question, model, window, cascades, sinks, stride,
-                            max_new_tokens, temperature)
-    finally:
-        st.own_work.release()
+    yield from _one_job_at_a_time(
+        st, lambda text, refused: (views.compare_html(policy_a, "error" if refused else "waiting", note=text), ""),
+        lambda: _compare(st, policy_a, policy_b, question, model, window, cascades, sinks, stride, max_new_tokens,
+                         temperature))
 
 
 def _compare(st: UserState, policy_a, policy_b, question, model, window, cascades, sinks, stride, max_new_tokens,
