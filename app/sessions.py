@@ -103,6 +103,20 @@ def get(sid: str | None) -> tuple[UserState, bool]:
     return st, known
 
 
+def browser_secret() -> str:
+    """The key gr.BrowserState encrypts the session id with, kept on disk (mode 600) so that an id a
+    browser holds still opens after a server restart: the document is gone then, its snapshots not."""
+    path = snapshot_root() / ".browser-secret"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        path.write_text(secret)
+        path.chmod(0o600)
+        return secret
+
+
 def snapshot_root() -> Path:
     """All sessions' snapshots: <user cache>/snapshots (CASCADE_READER_SNAPSHOTS overrides, e.g. for tests)."""
     return Path(os.environ.get("CASCADE_READER_SNAPSHOTS") or cache_dir() / "snapshots")

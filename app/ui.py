@@ -757,7 +757,8 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
     d = CacheConfig()
     with gr.Blocks(title="Cascade Reader") as demo:
         st = gr.State(new_state)  # filled by `restore` on page load with this browser's session
-        sid = gr.BrowserState("", storage_key="cascade-reader-session")  # survives reloads (localStorage)
+        # survives reloads (localStorage) and, with a secret kept on disk, server restarts
+        sid = gr.BrowserState("", storage_key="cascade-reader-session", secret=sessions.browser_secret())
         gr.HTML(_header())
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):

@@ -55,3 +55,9 @@ def test_idle_sessions_are_freed_but_their_snapshots_stay(snapshots):
     back, known = sessions.get(st.sid)
     assert not known and back.sid == st.sid  # same id, so the same snapshot folder
     assert (sessions.snapshot_dir(back) / "mine.json").exists()
+
+
+def test_the_browser_secret_is_kept_across_restarts(snapshots):
+    first = sessions.browser_secret()
+    assert first and sessions.browser_secret() == first
+    assert (snapshots / ".browser-secret").stat().st_mode & 0o077 == 0  # readable by the server's user only
