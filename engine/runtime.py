@@ -20,6 +20,7 @@ from .attention import mask_bias, query_weights, window_bias
 from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
 from .models import LoadedModel
+from .worker import turn
 
 ATTENTION_NAME = "cascade"
 
@@ -217,6 +218,7 @@ class Engine:
 
         def run(chunk: list[int]):
             nonlocal read
+            turn()  # a chunk is one step: other sessions' work goes first if it waits (engine.worker)
             if should_stop is not None and should_stop():
                 raise Cancelled(f"reading cancelled after {read} tokens")
             self.forward(torch.tensor([chunk]), cache, logits=logits)
@@ -240,6 +242,7 @@ class Engine:
         out, start = None, 0
         lengths = tail_chunks(len(ids), self.stride)
         for i, n in enumerate(lengths):
+            turn()  # a fair turn for other sessions between chunks (engine.worker)
             out = self.forward(torch.tensor([ids[start: start + n]]), cache,
                                logits=logits if i == len(lengths) - 1 else "none")
             start += n
@@ -266,6 +269,7 @@ class Engine:
             after_prompt()
         generated: list[int] = []
         for _ in range(max_new_tokens):
+            turn()  # a token is one step (engine.worker)
             if should_stop is not None and should_stop():
                 return
             next_logits = logits[0, -1]
