@@ -233,8 +233,9 @@ class Engine:
             while len(buffer) >= self.stride:
                 run(buffer[: self.stride])
                 del buffer[: self.stride]
-        if buffer:
-            run(buffer)
+        for n in tail_chunks(len(buffer), self.stride):  # the rest in lengths seen before (tail_chunks)
+            run(buffer[:n])
+            del buffer[:n]
         return ReadProgress(read, total, time.perf_counter() - start)
 
     def prefill(self, ids: list[int], cache: KVCache, logits: str = "last") -> torch.Tensor | None:

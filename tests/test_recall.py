@@ -1,5 +1,6 @@
 """Recall: passages, the FTS5 index, the frozen document memory, cascades auto, and the real path."""
 
+import hashlib
 import json
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ from engine.corpus import kjv_verses
 from engine.errors import UserError
 from engine.memory import freeze
 from engine.runtime import Engine
+from engine.snapshots import manifest_checksum
 
 
 def char_offsets(text: str) -> np.ndarray:
@@ -287,22 +289,34 @@ def test_snapshot_keeps_the_index_and_old_ones_load_with_recall_off(book_session
     q = "Who was the keeper of the royal granary?"
     assert "".join(loaded.ask(q, max_new_tokens=24)) == "".join(session.ask(q, max_new_tokens=24))
     assert [p["label"] for p in loaded.answers[-1].recalled] == [p["label"] for p in session.answers[-1].recalled]
-    # an index for another document (or a damaged one) is refused in one line
+    # an index changed after saving, or made for another document, is refused in one line
     con = sqlite3.connect(tmp_path / "snap.index.sqlite")
     con.execute("UPDATE meta SET value = 'nope' WHERE key = 'document_sha256'")
     con.commit()
     con.close()
+    with pytest.raises(UserError, match="index.sqlite: changed since it was saved"):
+        ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512).load(base)
+    man = json.loads((tmp_path / "snap.json").read_text())
+    man["index_sha256"] = hashlib.sha256((tmp_path / "snap.index.sqlite").read_bytes()).hexdigest()
+    man["checksum"] = manifest_checksum(man)
+    (tmp_path / "snap.json").write_text(json.dumps(man))
     with pytest.raises(UserError, match="does not match the document"):
         ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512).load(base)
-    # an older snapshot: no index file, no "index" in the manifest
+    # a snapshot saved without an index (e.g. re-saved from one made before indexes): recall off, said so
     (tmp_path / "snap.index.sqlite").unlink()
-    man = json.loads((tmp_path / "snap.json").read_text())
-    man.pop("index")
+    man.pop("index_sha256")
+    man["checksum"] = manifest_checksum(man)
     (tmp_path / "snap.json").write_text(json.dumps(man))
     old = ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512)
     old.load(base)
     "".join(old.ask(q, max_new_tokens=8))
-    assert old.answers[-1].recalled == [] and "older format" in old.answers[-1].recall_note
+    assert old.answers[-1].recalled == [] and "without a passage index" in old.answers[-1].recall_note
+    # the format before checksums is refused, with what to do
+    man["version"] = 1
+    man["checksum"] = manifest_checksum(man)
+    (tmp_path / "snap.json").write_text(json.dumps(man))
+    with pytest.raises(UserError, match="format 1 is not supported.*read the document again"):
+        ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512).load(base)
 
 
 @pytest.mark.real_model

@@ -20,7 +20,10 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
-    pytest.skip("Debian chromium is not installed (apt-get install chromium)", allow_module_level=True)
+    reason = "Debian chromium is not installed (apt-get install chromium)"
+    if os.environ.get("CI") == "true":  # CI must never pass without its browser tests
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 pymupdf = pytest.importorskip("pymupdf")
 
