@@ -1,24 +1,24 @@
 """The Gradio app: upload, read with progress, chat, summarize, retention view, compare, snapshots.
 
 UI code only: every model action goes through the engine's public API (engine.models,
-engine.documents, engine.session, engine.summaries). Each browser tab has its own UserState in a
-gr.State (its reading session, conversation log and stop flag). Model work is queued one event
-at a time across all tabs (concurrency_id "model", limit 1: Gradio shows the queue position);
-Cancel/Stop bypass the queue and only set their own tab's flag, which the engine checks before
-every chunk (reading) and every token (generation).
+engine.documents, engine.session, engine.summaries). Each browser session has its own UserState
+(app.sessions: its reading session, chat, snapshots and stop flag), found again after a reload
+through a random id the browser keeps (gr.BrowserState). Model work of all sessions runs on the
+one model thread in fair turns (engine.worker: a read chunk or a token per turn, round-robin over
+sessions), so Gradio lets several sessions' model events run at once and each session runs one of
+its own at a time; Cancel/Stop bypass the queue and only set their own session's flag, which the
+engine checks before every chunk (reading) and every token (generation).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import tempfile
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -29,11 +29,12 @@ from engine import documents, worker
 from engine.cache import CacheConfig
 from engine.devices import parse_device
 from engine.errors import Cancelled, UserError
-from engine.models import PACKAGED, cache_dir, load_model
+from engine.models import PACKAGED, load_model
 from engine.session import ReadingSession, retention_of
 from engine.summaries import summarize_sections
 
-from . import views
+from . import sessions, views
+from .sessions import UserState
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MODEL_CHOICES = ["smollm2", "gemma3"]
@@ -42,32 +43,19 @@ RETENTION_MIN_INTERVAL_S = 1.0  # live retention map while reading: at most once
 RETENTION_MAX_SHARE = 0.04  # ... and never more than ~4% of the reading time
 MAX_JUMP_CHOICES = 400
 PROGRESS_EVERY_S = 0.1
+WAIT_POLL_S = 0.5  # how often a waiting handler re-says why it waits
 LIVE_WIDTH = 400  # px of the small live map in the document column
 DEVICE: torch.device | None = None  # where models load; None: auto (CUDA when available); see use_device
 
 
-# ------------------------------------------------------------------ per-tab state and shared models
+# ------------------------------------------------------------------ shared models
 
-@dataclass
-class UserState:
-    """One browser tab: its reading session, conversation log and stop flag."""
-
-    session: ReadingSession | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-    turns: list = field(default_factory=list)  # answer records, for export
-    retention: dict | None = None
-
-    def __deepcopy__(self, memo):  # gr.State deep-copies its value; a fresh state is already private
-        return self
-
-
-_LIVE: weakref.WeakValueDictionary[str, UserState] = weakref.WeakValueDictionary()
 _MODELS: dict[str, object] = {}
 _MODELS_LOCK = threading.Lock()
 
 
 def new_state() -> UserState:
-    return UserState()
+    return sessions.create()
 
 
 def cache_retention(cache, prefix_tokens: int) -> dict:
@@ -89,18 +77,29 @@ def session_retention(session: ReadingSession) -> dict:
     return cache_retention(session.doc_cache, session.prefix_tokens)
 
 
-def _register(st: UserState, request: gr.Request | None) -> None:
-    key = getattr(request, "session_hash", None)
-    if key:
-        _LIVE[key] = st
+def _one_job_at_a_time(st: UserState, say, work):
+    """Run the generator work() as this session's model job: refused in words when too many sessions
+    are busy (sessions.busy_message), and started only after the session's previous job is done (a
+    question asked during a read waits for it and is answered from the new document). Meanwhile
+    say(text, refused) gives the handler's output that tells the person why they wait."""
+    busy = sessions.busy_message(st)
+    if busy:
+        yield say(f"⚠ {busy}", True)
+        return
+    while not st.own_work.acquire(timeout=WAIT_POLL_S):
+        yield say(_waiting_words(st), False)
+    st.touch()
+    try:
+        yield from work()
+    finally:
+        st.own_work.release()
 
 
-def on_unload(request: gr.Request):
-    """The tab closed: stop whatever it was running and drop its session (frees its cache)."""
-    st = _LIVE.pop(getattr(request, "session_hash", None) or "", None)
-    if st is not None:
-        st.stop.set()
-        st.session, st.retention = None, None
+def _waiting_words(st: UserState) -> str:
+    """Why this session's work has not started, in words, with an estimate from the others' steps."""
+    if st.own_work.locked() and not worker.busy_owners() - {st.sid, None}:
+        return "Waiting for your previous request to finish…"
+    return views.turn_note(st.lane("").others())
 
 
 def _model_key(spec: str) -> str:
@@ -122,26 +121,6 @@ def get_model(spec: str):
         if key not in _MODELS:
             _MODELS[key] = worker.call(load_model, spec.strip() or None, say=lambda s: None, device=DEVICE)
         return _MODELS[key]
-
-
-def snapshot_dir() -> Path:
-    """Saved documents: <user cache>/snapshots (CASCADE_READER_SNAPSHOTS overrides, e.g. for tests)."""
-    d = Path(os.environ.get("CASCADE_READER_SNAPSHOTS") or cache_dir() / "snapshots")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def snapshot_choices() -> list[tuple[str, str]]:
-    out = []
-    for p in sorted(snapshot_dir().glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            man = json.loads(p.read_text())
-            info = (f"{p.stem} — {man['document']['title']} ({man['read']['doc_tokens']:,} tokens, "
-                    f"{man['config']['policy']}, {man['model_id']})")
-        except (OSError, KeyError, TypeError, json.JSONDecodeError):
-            info = f"{p.stem} (unreadable manifest)"
-        out.append((info, p.stem))
-    return out
 
 
 def make_config(policy, window, cascades, sinks) -> CacheConfig:
@@ -185,9 +164,11 @@ def _upload_path(file) -> str | None:
 
 # ------------------------------------------------------------------ reading
 
-def _run_read(session: ReadingSession, document, total: int, stop: threading.Event, live_retention: bool):
-    """Read on the model thread (engine.worker); yield ("progress", p) / ("retention", r) / ("done", result) /
-    ("cancelled", msg) / ("error", msg) as they happen. Closing this generator stops the reading."""
+def _run_read(session: ReadingSession, document, total: int, stop: threading.Event, lane: worker.Lane,
+              live_retention: bool):
+    """Read on the model thread (engine.worker, in this session's lane); yield ("progress", p) /
+    ("retention", r) / ("waiting", None) every WAIT_POLL_S without news / ("done", result) /
+    ("cancelled", msg) / ("error", msg) as they happen. Closing this generator early stops the reading."""
     events: queue.Queue = queue.Queue()
     timing = {"last": 0.0, "spent": 0.0, "start": time.monotonic()}
 
@@ -216,11 +197,18 @@ def _run_read(session: ReadingSession, document, total: int, stop: threading.Eve
         except Exception as e:  # noqa: BLE001 - a bug: show it, keep the app alive
             events.put(("error", f"{type(e).__name__}: {e}"))
 
-    worker.submit(work)  # on the one model thread (engine.worker says why)
+    lane.submit(work)  # on the one model thread (engine.worker says why)
     finished = False
     try:
         while True:
-            kind, payload = events.get()
+            try:
+                kind, payload = events.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                kind, payload = "waiting", None
+            # set before the last yield: the consumer returns on it without resuming this generator,
+            # and a stop set in `finally` then would stop the session's next job (a question asked
+            # during the read came back "(no answer) (stopped)")
+            finished = kind in ("done", "cancelled", "error")
             if kind == "retention":
                 # rendering happens in the UI thread; count it against the live-map budget too
                 t0 = time.perf_counter()
@@ -228,24 +216,30 @@ def _run_read(session: ReadingSession, document, total: int, stop: threading.Eve
                 timing["spent"] += time.perf_counter() - t0
                 continue
             yield kind, payload
-            if kind in ("done", "cancelled", "error"):
-                finished = True
+            if finished:
                 return
     finally:
         if not finished:  # the client went away: stop the worker within one chunk
             stop.set()
 
 
-def read_document(st: UserState, file, pasted, model, policy, window, cascades, sinks, stride,
-                  request: gr.Request = None):
+def read_document(st: UserState, file, pasted, model, policy, window, cascades, sinks, stride):
     """Generator -> (progress, live map, status, facts, layer slider, head slider, position slider, jump)."""
-    _register(st, request)
     skip = gr.skip()
     path = _upload_path(file)
+    clicked = time.monotonic()
 
     def out(progress=skip, live=skip, status=skip, facts=skip, *rest):
         return (progress, live, status, facts, *(rest or (skip, skip, skip, skip)))
 
+    yield from _one_job_at_a_time(
+        st, lambda text, refused: out(views.progress_html(0, None, 0, None, "not started" if refused else "waiting"),
+                                      status=text),
+        lambda: _read(st, path, pasted, model, policy, window, cascades, sinks, stride, clicked, out))
+
+
+def _read(st: UserState, path, pasted, model, policy, window, cascades, sinks, stride, clicked, out):
+    skip = gr.skip()
     if st.stop.is_set():
         yield out(views.progress_html(0, None, 0, None, "cancelled"), status="Cancelled before reading started.")
         return
@@ -264,44 +258,67 @@ def read_document(st: UserState, file, pasted, model, policy, window, cascades, 
         total = documents.count_tokens(document, loaded.tokenizer)
         session = ReadingSession(loaded, config, stride=stride)
     except UserError as e:
-        yield out(views.progress_html(0, None, 0, None, "error"), live_map(st), f"⚠ {_nice_error(e, path)}")
+        yield out(views.progress_html(0, None, 0, None, "error"), live_map(st), f"⚠ {_nice_error(e, path)}",
+                  _facts(st))
         return
     except Exception as e:  # noqa: BLE001 - a corrupt upload must not take the page down
         yield out(views.progress_html(0, None, 0, None, "error"),
-                  status=f"⚠ {Path(path).name if path else 'text'}: {type(e).__name__}: {e}")
+                  status=f"⚠ {Path(path).name if path else 'text'}: {type(e).__name__}: {e}", facts=_facts(st))
         return
-    yield out(views.progress_html(0, total, 0, None, "reading"),
-              views.retention_map_html(None), f"Reading **{document.title}** ({total:,} tokens)…", "")
-    done, shown = (0, total, 0.0), 0.0
-    for kind, payload in _run_read(session, document, total, st.stop, live_retention=True):
-        if kind == "progress":
-            pre = session.prefix_tokens
-            done = (max(payload.tokens_read - pre, 0), max(payload.tokens_total - pre, 0), payload.tokens_per_second)
-            if time.monotonic() - shown >= PROGRESS_EVERY_S:  # fast machines: at most ~10 updates a second
-                shown = time.monotonic()
-                yield out(views.progress_html(*done, payload.eta_seconds, "reading"))
+    reading = f"Reading **{document.title}** ({total:,} tokens)…"
+    yield out(views.progress_html(0, total, 0, None, "reading"), views.retention_map_html(None), reading, "")
+    done, shown, said = (0, total, 0.0), 0.0, reading
+    lane = st.lane("reading a document")
+    for kind, payload in _run_read(session, document, total, st.stop, lane, live_retention=True):
+        if kind in ("progress", "waiting"):
+            others = lane.others()
+            # sharing the model: say so; the ETA is from wall-clock speed, so it already counts the turns
+            note = reading + (" " + views.turn_note(others) if others else "")
+            if kind == "progress":
+                pre = session.prefix_tokens
+                done = (max(payload.tokens_read - pre, 0), max(payload.tokens_total - pre, 0),
+                        payload.tokens_per_second)
+            if time.monotonic() - shown >= PROGRESS_EVERY_S or note != said:  # at most ~10 updates a second
+                shown, said = time.monotonic(), note
+                eta = payload.eta_seconds if kind == "progress" else None
+                yield out(views.progress_html(*done, eta, "reading" if done[0] or not others else "waiting"),
+                          status=note)
         elif kind == "retention":
             yield out(live=views.retention_map_html(payload, total=total, width=LIVE_WIDTH, ticks=3))
         elif kind == "done":
-            st.session, st.turns = session, []
+            st.session, st.turns, st.history = session, [], []
             st.retention = session_retention(session)
-            r = payload
-            yield (views.progress_html(r.doc_tokens, r.doc_tokens, r.tokens_per_second, None, "done",
-                                       f"{views._duration(r.seconds)}"),
-                   live_map(st), "✓ Read. Ask a question in the **Chat** tab.", views.facts_markdown(session),
+            st.read_seconds, st.loaded_from = time.monotonic() - clicked, None
+            yield (_done_progress(st), live_map(st), "✓ Read. Ask a question in the **Chat** tab.", _facts(st),
                    *_retention_controls(st))
             return
         elif kind == "cancelled":
             # keep the partial map when nothing else is loaded; otherwise show the loaded document's again
             yield out(views.progress_html(done[0], done[1], done[2], None, "cancelled"),
                       live_map(st) if st.session else skip,
-                      status=f"Cancelled after {done[0]:,} of {done[1]:,} tokens."
-                             + (" The previous document is still loaded." if st.session else ""))
+                      f"Cancelled after {done[0]:,} of {done[1]:,} tokens."
+                      + (" The previous document is still loaded." if st.session else ""), _facts(st))
             return
         else:
             yield out(views.progress_html(*done, None, "error"), live_map(st),
-                      status=f"⚠ {_nice_error(payload, path)}")
+                      f"⚠ {_nice_error(payload, path)}", _facts(st))
             return
+
+
+def _facts(st: UserState) -> str:
+    """The loaded document's facts, with the read time the user watched (or where it was loaded from)."""
+    if st.session is None or st.session.document is None:
+        return ""
+    return views.facts_markdown(st.session, watched_s=st.read_seconds, snapshot=st.loaded_from)
+
+
+def _done_progress(st: UserState) -> str:
+    r = st.session.read_result
+    if st.loaded_from:
+        return views.progress_html(r.doc_tokens, r.doc_tokens, 0, None, "loaded",
+                                   f"from snapshot {st.loaded_from} in {views._duration(st.read_seconds or 0)}")
+    return views.progress_html(r.doc_tokens, r.doc_tokens, r.tokens_per_second, None, "done",
+                               views._duration(st.read_seconds if st.read_seconds is not None else r.seconds))
 
 
 def live_map(st: UserState) -> str:
@@ -359,34 +376,49 @@ def arm(st: UserState):
 
 # ------------------------------------------------------------------ chat
 
-def ask(st: UserState, message, history, mode, max_new_tokens, temperature, request: gr.Request = None):
+def ask(st: UserState, message, history, mode, max_new_tokens, temperature):
     """Generator -> (chat history, question box)."""
-    _register(st, request)
     history = list(history or [])
     message = (message or "").strip()
     if not message:
         yield history, gr.skip()
         return
+    history += [{"role": "user", "content": message}]
+    yield history + [{"role": "assistant", "content": "…"}], ""
+    yield from _one_job_at_a_time(
+        st, lambda text, refused: (history + [{"role": "assistant", "content": text if refused else f"*{text}*"}],
+                                   gr.skip()),
+        lambda: _answer(st, message, history, mode, max_new_tokens, temperature))
+
+
+def _answer(st: UserState, message, history, mode, max_new_tokens, temperature):
     if st.session is None:
-        history += [{"role": "user", "content": message},
-                    {"role": "assistant", "content": "⚠ Read a document first (Document panel on the left)."}]
-        yield history, ""
+        st.history = history + [{"role": "assistant",
+                                 "content": "⚠ Read a document first (Document panel on the left)."}]
+        yield st.history, gr.skip()
         return
-    history += [{"role": "user", "content": message}, {"role": "assistant", "content": "…"}]
-    yield history, ""
-    text = ""
+    session, text, waiting = st.session, "", object()
+    lane = st.lane("answering a question")
+    history.append({"role": "assistant", "content": "…"})
     try:
-        for delta in worker.iterate(lambda: st.session.ask(
+        for delta in lane.iterate(lambda: session.ask(
                 message, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                continue_conversation=(mode == "continue"), should_stop=st.stop.is_set)):
+                continue_conversation=(mode == "continue"), should_stop=st.stop.is_set), waiting=waiting):
+            if delta is waiting:  # no token yet: say whose turn it is
+                others = lane.others()
+                if not text and others:
+                    history[-1] = {"role": "assistant", "content": f"*{views.turn_note(others)}*"}
+                    yield history, gr.skip()
+                continue
             text += delta
             history[-1] = {"role": "assistant", "content": text}
             yield history, gr.skip()
     except UserError as e:
         history[-1] = {"role": "assistant", "content": f"⚠ {e}"}
+        st.history = history
         yield history, gr.skip()
         return
-    answer = st.session.answers[-1]
+    answer = session.answers[-1]
     content = answer.text or "(no answer)"
     if answer.stopped:
         content += "\n\n*(stopped)*"
@@ -394,11 +426,12 @@ def ask(st: UserState, message, history, mode, max_new_tokens, temperature, requ
     history += views.recall_messages(answer)
     history += views.citation_messages(answer.citations)
     st.turns.append(views.answer_record(answer, mode))
+    st.history = history
     yield history, gr.skip()
 
 
 def clear_chat(st: UserState):
-    st.turns = []
+    st.turns, st.history = [], []
     if st.session is not None:
         st.session.reset_conversation()  # "continue" starts again from the document
     return []
@@ -420,36 +453,51 @@ def export_chat(st: UserState):
 
 # ------------------------------------------------------------------ summaries
 
-def summarize(st: UserState, mode, max_new_tokens, request: gr.Request = None):
-    _register(st, request)
+def summarize(st: UserState, mode, max_new_tokens):
+    yield from _one_job_at_a_time(st, lambda text, refused: views.plain_summary_html("", text),
+                                  lambda: _summarize(st, mode, max_new_tokens))
+
+
+def _summarize(st: UserState, mode, max_new_tokens):
     if st.session is None or st.session.document is None:
         yield views.plain_summary_html("", "⚠ Read a document first.")
         return
+    session = st.session
     if mode == "cache":
-        text = ""
+        text, lane = "", st.lane("summarizing")
         yield views.plain_summary_html("", "Summarizing from the cache…")
-        for delta in worker.iterate(lambda: st.session.summarize(max_new_tokens=int(max_new_tokens),
-                                                                 should_stop=st.stop.is_set)):
-            text += delta
-            yield views.plain_summary_html(text, "Summarizing from the cache…")
-        answer = st.session.answers[-1]
+        for delta in lane.iterate(lambda: session.summarize(max_new_tokens=int(max_new_tokens),
+                                                            should_stop=st.stop.is_set), waiting=None):
+            text += delta or ""
+            yield views.plain_summary_html(text, "Summarizing from the cache… " + views.turn_note(lane.others()))
+        answer = session.answers[-1]
         yield views.plain_summary_html(answer.text, "(stopped)" if answer.stopped else
                                        f"From the cache after reading: {answer.tokens} tokens in "
                                        f"{answer.seconds:.1f} s.")
         return
     sections, current, label, final = [], "", "", ""
     progress = {"p": None}
+    lane = st.lane("summarizing section by section")
 
     def note():
         p = progress["p"]
-        return f"Re-reading section by section: {p.tokens_read:,} / {p.tokens_total:,} tokens" if p else "Starting…"
+        if final or (sections and p and p.tokens_read >= p.tokens_total and not current):
+            # every section is summarized: the last step writes the summary of the summaries
+            said = f"Writing the final summary from {len(sections)} section summar{'ies' if len(sections) != 1 else 'y'}…"
+        else:
+            said = f"Re-reading section by section: {p.tokens_read:,} / {p.tokens_total:,} tokens" if p else "Starting…"
+        return f"{said} {views.turn_note(lane.others())}".strip()
+
+    def ended(stopped: bool) -> str:
+        n = f"{len(sections)} section{'s' if len(sections) != 1 else ''}"
+        return (f"Stopped after {n}: the summary below is cut where you stopped." if stopped else f"Done: {n}.")
 
     yield views.sections_html([], "", "", "", note())
     try:
-        for ev in worker.iterate(lambda: summarize_sections(
-                st.session, st.session.document, final_tokens=int(max_new_tokens),
+        for ev in lane.iterate(lambda: summarize_sections(
+                session, session.document, final_tokens=int(max_new_tokens),
                 max_new_tokens=min(160, int(max_new_tokens)),
-                should_stop=st.stop.is_set, progress=lambda p: progress.update(p=p))):
+                should_stop=st.stop.is_set, progress=lambda p: progress.update(p=p)), waiting={}):
             kind = ev.get("type")
             if kind == "section_delta":
                 current += ev["text"]
@@ -461,15 +509,12 @@ def summarize(st: UserState, mode, max_new_tokens, request: gr.Request = None):
                 final += ev["text"]
             elif kind == "done":
                 final = ev.get("summary", final)
-                st.retention = session_retention(st.session)  # the session now holds the re-read document
-                yield views.sections_html(sections, "", "", final, f"Done: {len(sections)} section"
-                                          f"{'s' if len(sections) != 1 else ''}.")
+                st.retention = session_retention(session)  # the session now holds the re-read document
+                yield views.sections_html(sections, "", "", final, ended(st.stop.is_set()))
                 break
-            else:
-                continue
             yield views.sections_html(sections, label, current, final, note())
     except Cancelled:
-        yield views.sections_html(sections, label, current, final, "Stopped.")
+        yield views.sections_html(sections, label, current, final, ended(True))
     except UserError as e:
         yield views.sections_html(sections, label, current, final, f"⚠ {e}")
 
@@ -487,7 +532,8 @@ def retention_view(st: UserState, rows, layer, head, position, count):
     rows = "cascade" if rows == "cascades of one layer" else "layer"
     img = views.retention_map_html(r, rows, layer, tick_labels=_tick_labels(st), recalled=_recalled(st))
     cfg = st.session.config
-    table = views.occupancy_table(r, layer, cfg.cascade_slots if cfg.slots else 0, cfg.sinks)
+    table = views.occupancy_table(r, layer, cfg.cascade_slots if cfg.slots else 0, cfg.sinks,
+                                  st.session.prefix_tokens)
     sm = st.session.source_map
     offsets = sm.offsets
     count = int(count or 1500)
@@ -516,16 +562,35 @@ def jump_to(value):
 # ------------------------------------------------------------------ compare policies
 
 def compare(st: UserState, policy_a, policy_b, question, model, window, cascades, sinks, stride, max_new_tokens,
-            temperature, request: gr.Request = None):
-    _register(st, request)
+            temperature):
+    yield from _one_job_at_a_time(
+        st, lambda text, refused: (views.compare_html(policy_a, "error" if refused else "waiting", note=text), ""),
+        lambda: _compare(st, policy_a, policy_b, question, model, window, cascades, sinks, stride, max_new_tokens,
+                         temperature))
+
+
+def _compare(st: UserState, policy_a, policy_b, question, model, window, cascades, sinks, stride, max_new_tokens,
+             temperature):
     if st.session is None:
         yield views.compare_html(policy_a, "error", note="⚠ Read a document first."), ""
         return
     question = (question or "").strip() or "What is this document about?"
     document = st.session.document
-    outs = [views.compare_html(p, "waiting", note="waiting…") for p in (policy_a, policy_b)]
+    policies = (policy_a, policy_b)
+    outs = [views.compare_html(p, "waiting", note="waiting…") for p in policies]
     yield tuple(outs)
-    for k, policy in enumerate((policy_a, policy_b)):
+    lane = st.lane("comparing policies")
+
+    def stopped_from(k: int):
+        """Stop ends this column and says so in every column that never started."""
+        for j in range(k, len(policies)):
+            outs[j] = views.compare_html(policies[j], "cancelled", note="Stopped before it started.")
+
+    for k, policy in enumerate(policies):
+        if st.stop.is_set():
+            stopped_from(k)
+            yield tuple(outs)
+            return
         try:
             config = make_config(policy, window, cascades, sinks)
             loaded = get_model(model)
@@ -535,74 +600,153 @@ def compare(st: UserState, policy_a, policy_b, question, model, window, cascades
             outs[k] = views.compare_html(policy, "error", note=f"⚠ {e}")
             yield tuple(outs)
             continue
-        for kind, payload in _run_read(session, document, total, st.stop, live_retention=False):
+        for kind, payload in _run_read(session, document, total, st.stop, lane, live_retention=False):
             if kind == "progress":
                 pct = 100 * payload.tokens_read / max(payload.tokens_total, 1)
-                outs[k] = views.compare_html(policy, "reading", note=f"reading… {pct:.0f}% "
-                                             f"({payload.tokens_per_second:,.0f} tokens/s)")
+                eta = payload.eta_seconds
+                outs[k] = views.compare_html(policy, "reading", note=(
+                    f"reading… {payload.tokens_read:,} / {payload.tokens_total:,} tokens ({pct:.0f}%), "
+                    f"{payload.tokens_per_second:,.0f} tokens/s" + (f", ETA {views._duration(eta)}" if eta else "")
+                    + (" · " + views.turn_note(lane.others()) if lane.others() else "")))
                 yield tuple(outs)
             elif kind in ("cancelled", "error"):
-                outs[k] = views.compare_html(policy, kind, note="Cancelled." if kind == "cancelled" else f"⚠ {payload}")
+                outs[k] = views.compare_html(policy, kind, note="Stopped while reading." if kind == "cancelled"
+                                             else f"⚠ {payload}")
+                stopped_from(k + 1)
                 yield tuple(outs)
                 return
         text = ""
-        for delta in worker.iterate(lambda: session.ask(question, max_new_tokens=int(max_new_tokens),
-                                                        temperature=float(temperature), should_stop=st.stop.is_set)):
+        for delta in lane.iterate(lambda: session.ask(question, max_new_tokens=int(max_new_tokens),
+                                                      temperature=float(temperature), should_stop=st.stop.is_set)):
             text += delta
-            outs[k] = views.compare_html(policy, "answering", session, text, note="answering…")
+            outs[k] = views.compare_html(policy, "answering", session, text,
+                                         note=f"answering… {len(text.split())} words")
             yield tuple(outs)
         a = session.answers[-1]
         outs[k] = views.compare_html(policy, "done", session, a.text or "(no answer)", a.citations,
                                      note=f"{a.tokens} tokens in {a.seconds:.1f} s" + (" (stopped)" if a.stopped else ""))
         yield tuple(outs)
-        if st.stop.is_set():
-            return
 
 
 # ------------------------------------------------------------------ snapshots
 
+SNAPSHOT_FILES = (".json", ".safetensors", ".index.sqlite")
+
+
+def _snapshot_file_name(name: str) -> str:
+    """The file stem for a name the user typed (letters, digits, - and _ only: never a path)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", (name or "").strip())[:60].strip("_")
+
+
+def snapshot_choices(st: UserState) -> list[tuple[str, str]]:
+    """This session's snapshots, newest first, under the names the user gave them (no server paths)."""
+    out = []
+    for p in sorted(sessions.snapshot_dir(st).glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            man = json.loads(p.read_text())
+            info = (f"{man.get('label') or p.stem} — {man['document']['title']} "
+                    f"({man['read']['doc_tokens']:,} tokens, {man['config']['policy']})")
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+            info = f"{p.stem} (unreadable)"
+        out.append((info, p.stem))
+    return out
+
+
+def _snapshot_label(st: UserState, stem: str) -> str:
+    return next((info.split(" — ")[0] for info, s in snapshot_choices(st) if s == stem), stem)
+
+
 def save_snapshot(st: UserState, name):
     if st.session is None:
-        return "⚠ Read a document first.", gr.update(choices=snapshot_choices())
-    raw = name or Path(st.session.document.title).stem
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", raw.strip())[:60].strip("_") or "document"
+        return "⚠ Read a document first.", gr.update(choices=snapshot_choices(st))
+    label = (name or "").strip() or Path(st.session.document.title).stem
+    stem = _snapshot_file_name(label) or "document"
+    path = sessions.snapshot_dir(st) / stem
     try:
-        st.session.save(snapshot_dir() / name)
+        st.session.save(path)
+        manifest = path.with_suffix(".json")
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "label": label}, indent=1))
     except (UserError, OSError) as e:
-        return f"⚠ Could not save: {e}", gr.skip()
-    return f"✓ Saved **{name}** in `{snapshot_dir()}`.", gr.update(choices=snapshot_choices(), value=name)
+        return f"⚠ Could not save: {_nice_error(e, str(sessions.snapshot_root()))}", gr.skip()
+    return f"✓ Saved **{label}** (only this browser session can see it).", gr.update(choices=snapshot_choices(st),
+                                                                                       value=stem)
 
 
-def load_snapshot(st: UserState, name, request: gr.Request = None):
-    """-> (status, facts, live map, model, policy, window, cascades, sinks, stride, chat, 4 retention controls)."""
-    _register(st, request)
-    n_out = 14
-    if not name:
-        return ("⚠ Pick a snapshot.",) + (gr.skip(),) * (n_out - 1)
+def load_snapshot(st: UserState, stem):
+    """-> (status, progress, facts, live map, model, policy, window, cascades, sinks, stride, chat,
+    4 retention controls)."""
+    n_out = 15
+    stems = {s for _, s in snapshot_choices(st)}
+    if not stem or stem not in stems:  # only this session's own snapshots, by their listed names
+        return ("⚠ Pick one of your snapshots.",) + (gr.skip(),) * (n_out - 1)
+    label = _snapshot_label(st, stem)
+    path, t0 = sessions.snapshot_dir(st) / stem, time.monotonic()
     try:
-        manifest = json.loads((snapshot_dir() / f"{name}.json").read_text())
+        manifest = json.loads(path.with_suffix(".json").read_text())
         config = CacheConfig(**manifest["config"])
         spec = manifest["model_id"]
         spec = next((k for k, pm in PACKAGED.items() if pm.name == spec and k != spec), spec)
         session = ReadingSession(get_model(spec), config, stride=int(manifest["stride"]), prompt=manifest["prompt"])
-        worker.call(session.load, snapshot_dir() / name)
+        st.lane("loading a snapshot").call(session.load, path)
     except UserError as e:
-        return (f"⚠ Could not load {name}: {e}",) + (gr.skip(),) * (n_out - 1)
+        return (f"⚠ Could not load {label}: {_nice_error(e, str(path))}",) + (gr.skip(),) * (n_out - 1)
     except (OSError, KeyError, TypeError, ValueError) as e:
-        return (f"⚠ Could not load {name}: {type(e).__name__}: {e}",) + (gr.skip(),) * (n_out - 1)
-    st.session, st.turns = session, []
+        return (f"⚠ Could not load {label}: {type(e).__name__}",) + (gr.skip(),) * (n_out - 1)
+    st.session, st.turns, st.history = session, [], []
     st.retention = session_retention(session)
-    return (f"✓ Loaded **{name}**: ask away (settings below now match the snapshot).", views.facts_markdown(session),
-            live_map(st), spec, config.policy, config.window, str(config.cascades), config.sinks, session.stride, [],
-            *_retention_controls(st))
+    st.read_seconds, st.loaded_from = time.monotonic() - t0, label
+    return (f"✓ Loaded **{label}**: ask away (settings below now match the snapshot).", _done_progress(st),
+            _facts(st), live_map(st), spec, config.policy, config.window, str(config.cascades), config.sinks,
+            session.stride, [], *_retention_controls(st))
 
 
-def delete_snapshot(name):
-    if not name:
-        return "⚠ Pick a snapshot.", gr.skip()
-    for ext in (".json", ".safetensors", ".index.sqlite"):
-        (snapshot_dir() / f"{name}{ext}").unlink(missing_ok=True)
-    return f"Deleted **{name}**.", gr.update(choices=snapshot_choices(), value=None)
+def ask_delete(st: UserState, stem):
+    """First click on Delete: name what would go and ask again (-> message, confirm row)."""
+    if not stem or stem not in {s for _, s in snapshot_choices(st)}:
+        return "⚠ Pick one of your snapshots.", gr.update(visible=False)
+    return (f"Delete **{_snapshot_label(st, stem)}** for good? It cannot be undone.", gr.update(visible=True))
+
+
+def delete_snapshot(st: UserState, stem):
+    """-> (status, list, confirm row)."""
+    if not stem or stem not in {s for _, s in snapshot_choices(st)}:
+        return "⚠ Pick one of your snapshots.", gr.skip(), gr.update(visible=False)
+    label = _snapshot_label(st, stem)
+    for ext in SNAPSHOT_FILES:
+        (sessions.snapshot_dir(st) / f"{stem}{ext}").unlink(missing_ok=True)
+    return f"Deleted **{label}**.", gr.update(choices=snapshot_choices(st), value=None), gr.update(visible=False)
+
+
+def keep_snapshot():
+    return "Kept.", gr.update(visible=False)
+
+
+# ------------------------------------------------------------------ a session, found again after a reload
+
+def restore(sid, fresh: UserState):
+    """Page load: the session this browser had (its chat, document, snapshots), or else the page's own
+    fresh one (already registered), whose id the browser then keeps.
+    -> (state, session id, chat, progress, status, facts, live map, snapshot list, 4 retention controls)."""
+    if sid and sid != fresh.sid:
+        st, known = sessions.get(sid)
+        if fresh.session is None and not fresh.own_work.locked():
+            sessions.forget(fresh)
+        else:  # the page started work before this ran (a busy server): keep what it started
+            st, known = fresh, True
+    else:
+        st, known = fresh, True
+    st.touch()
+    skip = gr.skip()
+    snaps = gr.update(choices=snapshot_choices(st), value=None)
+    if st.session is None or st.session.document is None:
+        note = ""
+        if sid and not known and snapshot_choices(st):
+            note = ("Your earlier session was freed after being idle (or the server restarted); your snapshots "
+                    "are still in the **Snapshots** tab.")
+        return (st, st.sid, st.history, views.progress_html(0, None, 0, None, "idle"), note, "",
+                views.retention_map_html(None), snaps, skip, skip, skip, skip)
+    return (st, st.sid, st.history, _done_progress(st), f"✓ **{st.session.document.title}** is loaded.",
+            _facts(st), live_map(st), snaps, *_retention_controls(st))
 
 
 # ------------------------------------------------------------------ layout
@@ -622,7 +766,9 @@ def css() -> str:
 def build_app(default_model: str = "smollm2") -> gr.Blocks:
     d = CacheConfig()
     with gr.Blocks(title="Cascade Reader") as demo:
-        st = gr.State(new_state, delete_callback=lambda s: s.stop.set())
+        st = gr.State(new_state)  # filled by `restore` on page load with this browser's session
+        # survives reloads (localStorage) and, with a secret kept on disk, server restarts
+        sid = gr.BrowserState("", storage_key="cascade-reader-session", secret=sessions.browser_secret())
         gr.HTML(_header())
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
@@ -664,8 +810,11 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                 facts = gr.Markdown("", elem_id="facts")
             with gr.Column(scale=3, min_width=480), gr.Tabs():
                 with gr.Tab("Chat", id="chat-tab"):
-                    chat = gr.Chatbot(height=460, elem_id="chat", label="Conversation", feedback_options=None,
-                                      buttons=["copy"], placeholder="Read a document, then ask about it.")
+                    # no floating label (it covered the messages when scrolled) and no built-in trash
+                    # icon (it sat on the first message's copy icon): "Clear chat" below does that
+                    chat = gr.Chatbot(height=460, elem_id="chat", label="Conversation", show_label=False,
+                                      feedback_options=None, buttons=["copy"],
+                                      placeholder="Read a document, then ask about it.")
                     mode = gr.Radio([("New question from the document", "new"),
                                      ("Continue the conversation", "continue")], value="new",
                                     label="Each question", elem_id="mode",
@@ -725,20 +874,26 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                         out_b = gr.HTML(elem_id="compare-b")
                 with gr.Tab("Snapshots", id="snapshots-tab"):
                     gr.Markdown("Save the read document (its cache and source map) and load it later without "
-                                "reading again. Snapshots live in the user cache folder.")
+                                "reading again. Your snapshots are yours: other people using this app "
+                                "cannot see, load or delete them.")
                     with gr.Row():
                         snap_name = gr.Textbox(label="name", placeholder="defaults to the document's name",
                                                elem_id="snap-name", scale=3)
                         save_btn = gr.Button("Save snapshot", elem_id="snap-save", scale=1)
-                    snaps = gr.Dropdown(snapshot_choices(), label="saved documents", value=None,
-                                        elem_id="snaps")
+                    snaps = gr.Dropdown([], label="your saved documents", value=None, elem_id="snaps")
                     with gr.Row():
                         load_btn = gr.Button("Load", variant="primary", elem_id="snap-load")
                         list_btn = gr.Button("Refresh list", elem_id="snap-refresh")
                         del_btn = gr.Button("Delete", variant="stop", elem_id="snap-delete")
                     snap_status = gr.Markdown(elem_id="snap-status")
+                    with gr.Row(visible=False, elem_id="snap-confirm") as confirm_row:
+                        del_yes = gr.Button("Yes, delete it", variant="stop", elem_id="snap-delete-yes")
+                        del_no = gr.Button("Keep it", elem_id="snap-delete-no")
 
-        model_work = {"concurrency_limit": 1, "concurrency_id": "model"}
+        # several sessions' model work runs at once (engine.worker takes turns between them, and
+        # sessions.busy_message turns away work beyond the limit in words); one session's own jobs
+        # run one after another (UserState.own_work)
+        model_work = {"concurrency_limit": sessions.LIMITS.max_busy + 2, "concurrency_id": "model"}
         instant = {"queue": False, "show_progress": "hidden"}
         controls = [layer, head, position, jump]
         view_inputs = [st, rows, layer, head, position, count]
@@ -755,13 +910,14 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
         for b in (cancel_btn, stop_btn, sum_stop, cmp_stop):
             b.click(stop, [st], None, **instant)
 
+        # no Gradio progress on the chat: its pending bubble showed above the new question; ask() shows
+        # its own "…" (then who it waits for) below the question
         ask_args = dict(fn=ask, inputs=[st, question, chat, mode, max_new, temperature], outputs=[chat, question],
-                        show_progress="minimal", **model_work)
+                        show_progress="hidden", **model_work)
         for trigger in (ask_btn.click, question.submit):  # then mark the recalled passages on both maps
             trigger(arm, [st], None, **instant).then(**ask_args).then(live_map, [st], [live], queue=False).then(
                 retention_view, view_inputs, view_outputs, queue=False)
         clear_btn.click(clear_chat, [st], [chat], **instant)
-        chat.clear(clear_chat, [st], [chat], **instant)
         export_btn.click(export_chat, [st], [export_files, export_msg], queue=False)
 
         sum_btn.click(arm, [st], None, **instant).then(summarize, [st, sum_mode, max_new], [summary], show_progress="minimal", **model_work)
@@ -778,10 +934,13 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
 
         snapshot_work = {"concurrency_limit": 1, "concurrency_id": "snapshots"}  # own files only: no model queue
         save_btn.click(save_snapshot, [st, snap_name], [snap_status, snaps], **snapshot_work)
-        list_btn.click(lambda: gr.update(choices=snapshot_choices()), None, [snaps], **instant)
-        del_btn.click(delete_snapshot, [snaps], [snap_status, snaps], **instant)
+        list_btn.click(lambda s: gr.update(choices=snapshot_choices(s)), [st], [snaps], **instant)
+        del_btn.click(ask_delete, [st, snaps], [snap_status, confirm_row], **instant)
+        del_yes.click(delete_snapshot, [st, snaps], [snap_status, snaps, confirm_row], **instant)
+        del_no.click(keep_snapshot, None, [snap_status, confirm_row], **instant)
         load_btn.click(load_snapshot, [st, snaps],
-                       [snap_status, facts, live, model, policy, window, cascades, sinks, stride, chat, *controls],
-                       **snapshot_work).then(retention_view, view_inputs, view_outputs, queue=False)
-        demo.unload(on_unload)
+                       [snap_status, progress, facts, live, model, policy, window, cascades, sinks, stride, chat,
+                        *controls], **snapshot_work).then(retention_view, view_inputs, view_outputs, queue=False)
+        demo.load(restore, [sid, st], [st, sid, chat, progress, status, facts, live, snaps, *controls],
+                  queue=False).then(retention_view, view_inputs, view_outputs, queue=False)
     return demo

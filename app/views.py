@@ -98,7 +98,7 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
     names = [*names, "recalled"] if recalled else names
     n = len(names)
     row_h = max(4, min(30, 210 // max(n, 1)))
-    font = _font(13 if width < 600 else 15)
+    font = _font(15 if width < 600 else 17)  # the map is scaled to its column: labels must stay legible
     label_w = max(int(font.getlength(name)) for name in names) if names else 40
     left, right, top, bottom = label_w + 12, 10, 6, 22
     plot_w = width - left - right
@@ -120,6 +120,9 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
             d.text((left - 6, top + i * row_h + row_h / 2), name, fill=(60, 60, 70), font=font, anchor="rm")
     y0 = top + n * row_h
     d.rectangle([left, top, left + plot_w - 1, y0 - 1], outline=(200, 200, 210))
+    # each tick label gets its share of the width (ends get half): long source labels (SRT cues,
+    # chapter titles) are cut with an ellipsis rather than printed over their neighbours
+    room = plot_w / max(ticks - 1, 1) - 8
     for k in range(ticks):
         frac = k / (ticks - 1)
         x = left + frac * (plot_w - 1)
@@ -127,6 +130,7 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
         label = f"{round(frac * total):,}"
         if tick_labels and k < len(tick_labels) and tick_labels[k]:
             label += f" · {tick_labels[k]}"
+        label = fit_text(label, font, room if 0 < k < ticks - 1 else room / 2)
         anchor = "la" if k == 0 else ("ra" if k == ticks - 1 else "ma")
         d.text((x, y0 + 6), label, fill=(60, 60, 70), font=font, anchor=anchor)
     if seen < total:
@@ -135,6 +139,15 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def fit_text(text: str, font, width: float) -> str:
+    """text, cut with "…" so that it is at most `width` pixels wide in `font`."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip(" ·") + "…"
 
 
 def retention_map_html(retention: dict | None, rows: str = "layer", layer: int = 0, total: int | None = None,
@@ -153,9 +166,10 @@ def retention_map_html(retention: dict | None, rows: str = "layer", layer: int =
             f"<div class='rmap-caption'>{html.escape(cap)}</div></div>")
 
 
-def occupancy_table(retention: dict, layer: int, cascade_slots: int, sinks: int) -> list[list]:
+def occupancy_table(retention: dict, layer: int, cascade_slots: int, sinks: int, prompt_tokens: int = 0) -> list[list]:
     """Per part of one layer: slots filled (max over KV heads) / capacity, oldest and newest document
-    token held, the span covered, and how sparse it is (one kept token per N)."""
+    token held, the span covered, and how sparse it is (one kept token per N). Sink slots that hold
+    the prompt (the chat template's prefix, not the document) are said to, so "22/64" is not a puzzle."""
     pos = retention["positions"]
     p = pos[min(max(int(layer), 0), len(pos) - 1)]
     cascade = retention.get("cascade")
@@ -169,6 +183,9 @@ def occupancy_table(retention: dict, layer: int, cascade_slots: int, sinks: int)
         filled = int((held >= 0).sum(axis=-1).max()) if held.size else 0
         valid = held[held >= 0]
         cap_txt = f"{filled:,}/{cap:,}" if cap else f"{filled:,}"
+        prompt = min(prompt_tokens, cap - filled) if c == -1 and cap else 0
+        if prompt > 0:
+            cap_txt += f" document tokens; the other {prompt:,} hold the prompt"
         if valid.size:
             span = int(valid.max() - valid.min() + 1)
             rows.append([name, cap_txt, int(valid.min()), int(valid.max()), span,
@@ -245,12 +262,22 @@ def _duration(s: float) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
-def facts_markdown(session) -> str:
+def facts_markdown(session, watched_s: float | None = None, snapshot: str | None = None) -> str:
+    """watched_s: the read (or snapshot load) as the user waited for it, turns with others included;
+    snapshot: the snapshot's name when the document was loaded from one."""
     d, r, b, cfg = session.document, session.read_result, session.budget(), session.config
     n = len(d.segments)
+    if snapshot:
+        timing = (f"- loaded from snapshot **{html.escape(snapshot)}** in {_duration(watched_s or 0)} "
+                  f"(it was read in {_duration(r.seconds)} at {r.tokens_per_second:,.0f} tokens/s)")
+    elif watched_s is not None and watched_s > r.seconds + 1:
+        timing = (f"- read in {_duration(watched_s)} ({_duration(r.seconds)} of it on the model, at "
+                  f"{r.tokens_per_second:,.0f} tokens/s; the rest was waiting for turns)")
+    else:
+        timing = f"- read in {_duration(watched_s or r.seconds)} ({r.tokens_per_second:,.0f} tokens/s)"
     lines = [f"**{d.title}** · {d.kind} · {n:,} {d.units if n != 1 else d.units.rstrip('s')}",
              f"- **{r.doc_tokens:,} tokens**, all read (nothing truncated); prompt prefix {r.prompt_tokens} tokens",
-             f"- read in {_duration(r.seconds)} ({r.tokens_per_second:,.0f} tokens/s)"]
+             timing]
     if b["slots"]:
         split = (f"{cfg.sinks} sinks + {cfg.window:,} window in {cfg.effective_cascades} cascade"
                  f"{'s' if cfg.effective_cascades != 1 else ''} of {cfg.cascade_slots:,}")
@@ -267,6 +294,21 @@ def facts_markdown(session) -> str:
     peaks = " · ".join(f"{name} {mb:,.0f} MB" for name, mb in run["peak_memory_mb"].items())
     lines.append(f"- on **{run['device']}** ({run['dtype']}); peak memory: {peaks}")
     return "\n".join(lines)
+
+
+def turn_note(others: list[tuple[str, float]]) -> str:
+    """What the model is busy with, for a session that shares it: engine.worker takes one step (a read
+    chunk or a token) per session in turn, so a waiting session starts within one round of the
+    others' steps, and runs at about 1 / (sessions) of its own speed while they work."""
+    if not others:
+        return ""
+    n = len(others)
+    doing = sorted({label for label, _ in others if label})
+    round_s = sum(step for _, step in others)
+    start = f"within about {round_s:.1f} s" if round_s else "after their current step"
+    return (f"The model is busy with {n} other reader{'s' if n != 1 else ''} ({', '.join(doing) or 'starting'}); "
+            f"you take turns: your next step comes {start}, and your work runs at about 1/{n + 1} speed "
+            f"while theirs lasts.")
 
 
 def settings_note(config, stride: int) -> str:

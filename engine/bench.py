@@ -119,12 +119,7 @@ def run_read_bench(args) -> dict:
                 print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
                 # The worker inherits OMP_WAIT_POLICY: PASSIVE rescues an oversubscribed CPU but costs
                 # ~1.6x on a quiet one (measured here: 690 vs 1103 tok/s), so it is the caller's choice.
-                proc = subprocess.run([sys.executable, "-m", "engine.bench", json.dumps(job)],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    last = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
-                    raise UserError(f"bench: the {policy} run at {length} tokens failed: {last}")
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row = run_worker("engine.bench", job, f"the {policy} run at {length} tokens")
                 rows.append(row)
                 print(f"  {row['tokens_per_second']:.0f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr)
                 results_path.write_text(json.dumps({"settings": vars_of(args), "rows": rows}, indent=1))
@@ -132,6 +127,15 @@ def run_read_bench(args) -> dict:
     results_path.write_text(json.dumps({"settings": vars_of(args), "rows": rows, "summary": summary}, indent=1))
     plot(rows, out / "read_bench.png")
     return {"rows": rows, "summary": summary, "json": str(results_path), "png": str(out / "read_bench.png")}
+
+
+def run_worker(module: str, job: dict, what: str) -> dict:
+    """Run `python -m module JOB` in a fresh process (its RSS is its own); its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+        raise UserError(f"bench: {what} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def vars_of(args) -> dict:

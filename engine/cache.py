@@ -148,6 +148,7 @@ class KVCache:
     """Common storage and interface; a policy decides what stays."""
 
     scored = True  # whether attention must return score sums for this policy
+    steady_shapes = True  # False where the slots attention sees change with every token (see runtime)
 
     def __init__(self, config: CacheConfig, n_layers: int, kv_heads: int, head_dim: int,
                  batch: int = 1, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .devices import parse_device, peak_rss_mb
@@ -100,10 +101,14 @@ def open_session(args, read: bool = True):
         raise UserError(f"stride must be >= 1, not {args.stride}")
     if getattr(args, "max_new_tokens", 1) < 1:
         raise UserError(f"max-new-tokens must be >= 1, not {args.max_new_tokens}")
-    if getattr(args, "temperature", 0.0) < 0:
+    if not getattr(args, "temperature", 0.0) >= 0:  # NaN too
         raise UserError(f"temperature must be >= 0, not {args.temperature}")
     if getattr(args, "question", None) is not None and not args.question.strip():
         raise UserError("the question is empty")
+    if args.save:
+        from .snapshots import check_writable
+
+        check_writable(args.save)  # now, not after a read of minutes
     document = None if args.load else documents.load_document(args.doc)
     loaded = load(args, _say)
     session = ReadingSession(loaded, config, stride=args.stride, prompt=args.prompt, answering=answering)
@@ -119,8 +124,7 @@ def open_session(args, read: bool = True):
     finally:
         bar.close()
     if args.save:
-        session.save(args.save)
-        _say(f"saved snapshot to {args.save}")
+        _say(f"saved snapshot to {session.save(args.save)}")
     return session
 
 
@@ -145,11 +149,18 @@ def reading_bar(args, session, document):
 
 def result_json(session, answer, extra: dict | None = None) -> dict:
     r = session.read_result
+    loaded = session.loaded_seconds is not None  # from a snapshot: this run did not read
     out = {
         "answer": answer.text, "question": answer.question, "doc_tokens": r.doc_tokens,
-        "read_seconds": round(r.seconds, 3), "tokens_per_second": round(r.tokens_per_second, 1),
+        "read_seconds": None if loaded else round(r.seconds, 3),
+        "tokens_per_second": None if loaded else round(r.tokens_per_second, 1),
+        "loaded_seconds": round(session.loaded_seconds, 3) if loaded else None,
+        "snapshot_read": {"seconds": round(r.seconds, 3), "tokens_per_second": round(r.tokens_per_second, 1)}
+        if loaded else None,
         "answer_tokens": answer.tokens, "answer_seconds": round(answer.seconds, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1), **session.device_report(), "cache_slots": session.config.slots,
+        # the process's peak includes loading the model; read_peak_rss_mb is the peak while reading
+        "peak_rss_mb": round(peak_rss_mb(), 1), "read_peak_rss_mb": None if loaded else r.peak_rss_mb,
+        **session.device_report(), "cache_slots": session.config.slots,
         "cache_mb": round(session.budget()["cache_mb"], 2), "policy": session.config.policy,
         "window": session.config.window, "cascades": session.config.cascades, "sinks": session.config.sinks,
         "stride": session.stride, "model": session.loaded.model_id, "prompt": session.format.name,
@@ -233,6 +244,10 @@ def cmd_bench(args) -> int:
         from .kernels.bench import run_kernel_bench
 
         res = run_kernel_bench(args.out, sizes=args.sizes, device=parse_device(args.device))
+    elif args.answers:
+        from .bench_answers import run_answer_bench
+
+        res = run_answer_bench(args)
     else:
         from .bench import run_read_bench
 
@@ -248,7 +263,9 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description="Cascade Reader engine")
+    # the installed `cascade-reader` command names itself; `python -m engine` otherwise
+    prog = "cascade-reader" if os.path.basename(sys.argv[0]) == "cascade-reader" else "python -m engine"
+    parser = argparse.ArgumentParser(prog=prog, description="Cascade Reader engine")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("ask", "read a document and answer a question"),
                            ("summarize", "read a document and summarize it")):
@@ -273,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full-max", type=int, default=32768, help="longest length to run full attention at")
     b.add_argument("--kernels", action="store_true", help="time the attention kernels instead (GPU benchmark)")
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="prompt sizes for --kernels")
+    b.add_argument("--answers", type=int, default=0,
+                   help="instead of reading speed: RSS after reading Exodus and after each of N answers")
+    b.add_argument("--doc-chars", type=int, default=40_000, help="characters of Exodus read for --answers")
+    b.add_argument("--max-new-tokens", type=int, default=256, help="answer length for --answers")
     b.add_argument("--out", default="results/bench", help="output folder")
     b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes to compare")
     e = sub.add_parser("eval", help="passkey / perplexity / QA evaluations")

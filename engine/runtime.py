@@ -21,6 +21,7 @@ from .attention import mask_bias, query_weights, window_bias
 from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
 from .models import LoadedModel
+from .worker import turn
 
 ATTENTION_NAME = "cascade"
 
@@ -104,12 +105,18 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     k_new = kernels.rope(key, part.chunk_cos, part.chunk_sin)
     if part.bias is None and part.weights is not None:
         part.bias = mask_bias(part.plan.cache_valid, q.shape[2], q.shape[1] // k_res.shape[1])
+    attend = (q, k_res, v_res, k_new, value)
+    if not part.cache.steady_shapes and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # oneDNN, which runs bfloat16 matmuls on CPU, keeps ~1 MB of state for every matrix shape it
+        # meets and never frees it; where the slots change with every answer token that grew RSS by
+        # ~100 MB per answer (measured). float32 matmuls keep no such state.
+        attend = tuple(t.float() for t in attend)
     out, cache_score, chunk_score = kernels.chunk_attention(
-        q, k_res, v_res, part.plan.cache_valid, k_new, value, scaling or module.scaling,
+        *attend[:3], part.plan.cache_valid, *attend[3:], scaling or module.scaling,
         weights=part.weights, head_reduce=part.cache.config.head_reduce, bias=part.bias,
         window_bias=part.window_bias)
     kernels.cascade_push(part.cache, layer, part.plan, key, value, cache_score, chunk_score)
-    return out.transpose(1, 2), None
+    return out.to(query.dtype).transpose(1, 2), None
 
 
 def _register() -> None:
@@ -216,6 +223,7 @@ class Engine:
 
         def run(chunk: list[int]):
             nonlocal read
+            turn()  # a chunk is one step: other sessions' work goes first if it waits (engine.worker)
             if should_stop is not None and should_stop():
                 raise Cancelled(f"reading cancelled after {read} tokens")
             self.forward(torch.tensor([chunk]), cache, logits=logits)
@@ -230,9 +238,21 @@ class Engine:
             while len(buffer) >= self.stride:
                 run(buffer[: self.stride])
                 del buffer[: self.stride]
-        if buffer:
-            run(buffer)
+        for n in tail_chunks(len(buffer), self.stride):  # the rest in lengths seen before (tail_chunks)
+            run(buffer[:n])
+            del buffer[:n]
         return ReadProgress(read, total, time.perf_counter() - start)
+
+    def prefill(self, ids: list[int], cache: KVCache, logits: str = "last") -> torch.Tensor | None:
+        """Read a prompt after the document in chunks of `tail_chunks` lengths; the last one's logits."""
+        out, start = None, 0
+        lengths = tail_chunks(len(ids), self.stride)
+        for i, n in enumerate(lengths):
+            turn()  # a fair turn for other sessions between chunks (engine.worker)
+            out = self.forward(torch.tensor([ids[start: start + n]]), cache,
+                               logits=logits if i == len(lengths) - 1 else "none")
+            start += n
+        return out
 
     @torch.inference_mode()
     def generate(self, cache: KVCache, prompt_ids: list[int], max_new_tokens: int = 256,
@@ -248,15 +268,14 @@ class Engine:
         """
         stop = set(stop_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        logits = None
-        for i in range(0, len(prompt_ids), self.stride):
-            logits = self.forward(torch.tensor([prompt_ids[i: i + self.stride]]), cache, logits="last")
-        if logits is None:
+        if not prompt_ids:
             raise ValueError("generate needs a non-empty prompt")
+        logits = self.prefill(prompt_ids, cache)
         if after_prompt is not None:
             after_prompt()
         generated: list[int] = []
         for _ in range(max_new_tokens):
+            turn()  # a token is one step (engine.worker)
             if should_stop is not None and should_stop():
                 return
             # [vocab] on the host: the logits processors and the sampler's generator live there
@@ -270,6 +289,22 @@ class Engine:
             yield next_id
             if len(generated) < max_new_tokens:  # the last token's logits would never be used
                 logits = self.forward(torch.tensor([[next_id]]), cache, logits="last")
+
+
+def tail_chunks(n: int, stride: int) -> list[int]:
+    """Chunk lengths for reading n prompt tokens: whole strides, then powers of two.
+
+    oneDNN keeps state for every new matrix shape it meets in bfloat16 (~1 MB each, measured), so a
+    question of any length must not bring a new chunk length: with powers of two there are at most
+    log2(stride) + 2 lengths in the life of the process, at the cost of a few more small forwards.
+    """
+    lengths = [stride] * (n // stride)
+    rest = n % stride
+    while rest:
+        p = 1 << (rest.bit_length() - 1)
+        lengths.append(p)
+        rest -= p
+    return lengths
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:

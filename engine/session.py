@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import psutil
 import torch
 
-from . import documents, recall
+from . import documents, recall, snapshots
 from .cache import CacheConfig, HybridCache, KVCache
 from .architectures import check_positions
 from .devices import peak_memory_mb
@@ -26,7 +28,6 @@ from .models import LoadedModel
 from .prompts import DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
 from .runtime import Engine, ReadProgress
 
-SNAPSHOT_VERSION = 1
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ReadResult:
     prompt_tokens: int  # prefix tokens before the document (pinned in the sinks)
     seconds: float
     tokens_per_second: float
+    peak_rss_mb: float | None = None  # the process's largest RSS while reading (sampled after each chunk)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class AnswerSettings:
         return self.recall_tokens + self.conversation_tokens + self.question_tokens + 96 + max_new_tokens
 
 
+_WARM: "weakref.WeakKeyDictionary[torch.nn.Module, set[int]]" = weakref.WeakKeyDictionary()  # chunk lengths run
+ANSWER_TOKENS = 256  # the answer length the answer memory is first sized for (longer ones resize it)
 RECALL_INTRO = "Passages of the document that may answer the question:\n\n"
 RECALL_ASK = "Answer from the document. "
 BASELINE_QUESTION = "What is this document about?"  # the attention of a question with no particular target
@@ -118,6 +122,7 @@ class ReadingSession:
         self.prefix_tokens = 0
         self.read_result: ReadResult | None = None
         self.answers: list[Answer] = []
+        self.loaded_seconds: float | None = None  # set when the document came from a snapshot
         self._baseline: np.ndarray | None = None  # per-slot attention of BASELINE_QUESTION
         self._answer_memory: KVCache | None = None  # the frozen memory + tail of the last question
 
@@ -144,6 +149,7 @@ class ReadingSession:
         prefix_ids = self._ids(self.format.prefix)
         pieces = documents.tokenize_stream(document, tok, source_map=source_map)
         total = (total_tokens or documents.count_tokens(document, tok)) + len(prefix_ids)
+        self._check_positions(total, "the document")
         self.configure_for(total)
         cache = self.engine.new_cache()
 
@@ -152,22 +158,61 @@ class ReadingSession:
             yield from pieces
 
         chunk_hook = (lambda c: on_chunk(self, c)) if on_chunk else None
-        done = self.engine.read(stream(), cache, total=total, progress=progress, should_stop=should_stop,
+        proc = psutil.Process()
+        peak = proc.memory_info().rss
+
+        def sampled(p: ReadProgress) -> None:
+            nonlocal peak
+            peak = max(peak, proc.memory_info().rss)
+            if progress is not None:
+                progress(p)
+
+        done = self.engine.read(stream(), cache, total=total, progress=sampled, should_stop=should_stop,
                                 on_chunk=chunk_hook)
         doc_tokens = done.tokens_read - len(prefix_ids)
         if doc_tokens <= 0:
             raise UserError(f"{document.title}: no text to read")
         self._set_document(document, source_map, cache, len(prefix_ids),
-                           ReadResult(doc_tokens, len(prefix_ids), done.seconds, done.tokens_per_second),
+                           ReadResult(doc_tokens, len(prefix_ids), done.seconds, done.tokens_per_second,
+                                      round(peak / 2 ** 20, 1)),
                            recall.PassageIndex.build(document, source_map.offsets))
         return self.read_result
+
+    def _check_positions(self, tokens: int, what: str) -> None:
+        """Full attention places token i at position i: past the model's trained positions it answers
+        gibberish, so such a read or answer is refused (the cascade and sink caches never get there)."""
+        limit = self.loaded.max_positions
+        if self.config.policy == "full" and limit and tokens > limit:
+            raise UserError(f"full attention over {what} needs {tokens:,} positions, past the "
+                            f"{limit:,} that {self.loaded.model_id} was trained on; use --policy cascade or sink")
 
     def _set_document(self, document, source_map, cache, prefix_tokens, result,
                       index: recall.PassageIndex | None, index_note: str = "") -> None:
         self.document, self.source_map, self.doc_cache = document, source_map, cache
         self.prefix_tokens, self.read_result = prefix_tokens, result
         self.index, self.index_note = index, index_note
-        self.turns, self._baseline, self._answer_memory = [], None, None
+        self.turns, self._baseline, self.loaded_seconds = [], None, None
+        # The answer memory is part of the fixed budget: allocate it now, not at the first question,
+        # so memory after reading is memory while answering.
+        self._answer_memory = freeze(cache, self.answering.tail_slots(ANSWER_TOKENS), self._answer_memory)
+        self._warm_prompt_shapes()
+
+    def _warm_prompt_shapes(self) -> None:
+        """Run each prompt-chunk length once (`runtime.tail_chunks`: powers of two), once per process.
+
+        oneDNN keeps state for each new bfloat16 matrix shape it meets; met first by questions, they
+        grew RSS over the first answers (~50 MB, measured) and slowed their first token. Met here,
+        right after the first read, memory after reading is memory while answering. ~0.5 s, once.
+        """
+        lengths = [1 << i for i in range(self.stride.bit_length()) if 1 << i < self.stride] + [self.stride]
+        todo = [n for n in lengths if n not in _WARM.setdefault(self.loaded.model, set())]
+        memory = memory_of(self._answer_memory)
+        for n in todo:
+            if n > memory.capacity:
+                continue
+            self.engine.forward(torch.zeros(1, n, dtype=torch.long), self._answer_memory, logits="last")
+            memory.truncate(0)
+            _WARM[self.loaded.model].add(n)
 
     def reset_conversation(self) -> None:
         self.turns = []
@@ -177,13 +222,18 @@ class ReadingSession:
         if self.doc_cache is None:
             raise UserError("no document has been read yet")
 
-    def check_question(self, question: str, max_new_tokens: int = 256) -> str:
-        """The question, stripped; refuses an empty or over-long one and a token limit below 1."""
+    def check_question(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
+                       top_p: float = 0.95) -> str:
+        """The question, stripped; refuses an empty or over-long one and sampling settings out of range."""
         question = question.strip()
         if not question:
             raise UserError("the question is empty")
         if max_new_tokens < 1:
             raise UserError(f"max-new-tokens must be >= 1, not {max_new_tokens}")
+        if not temperature >= 0:  # also refuses NaN
+            raise UserError(f"temperature must be >= 0, not {temperature}")
+        if not 0 < top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], not {top_p}")
         n = len(self._ids(question))
         if n > self.answering.question_tokens:
             raise UserError(f"the question is {n} tokens long; the limit is {self.answering.question_tokens}")
@@ -198,7 +248,7 @@ class ReadingSession:
         question and the answer go into a tail after it (`engine.memory`).
         """
         self._require_read()
-        question = self.check_question(question, max_new_tokens)
+        question = self.check_question(question, max_new_tokens, temperature, top_p)
         start = time.perf_counter()
         settings = self.answering
         check_positions(self.loaded.model.config, self.config, settings.tail_slots(max_new_tokens), "answer tail")
@@ -220,6 +270,7 @@ class ReadingSession:
             if not recalled:
                 answer.recall_note = "no passage was recalled: no part of the document matches the question"
         ids, tail_doc = self._tail(question, turns, recalled)
+        self._check_positions(self.doc_cache.n_valid + len(ids) + max_new_tokens, "the document, question and answer")
         cache_memory = memory_of(cache)
         if recalled and not settings.memory_in_answer:
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
@@ -274,9 +325,7 @@ class ReadingSession:
         sliding = cache.sliding.clone() if isinstance(cache, HybridCache) else None
         memory.scored = True
         memory.reset_scores()
-        ids = self._ids(text)
-        for i in range(0, len(ids), self.stride):
-            self.engine.forward(torch.tensor([ids[i: i + self.stride]]), cache)
+        self.engine.prefill(self._ids(text), cache, logits="none")
         score, _ = memory.slot_scores()  # [layers, kv_heads, slots]
         per_slot = score[..., : memory.n_doc]
         memory.truncate(0)
@@ -444,7 +493,7 @@ class ReadingSession:
         self._require_read()
         d = self.document
         return {
-            "version": SNAPSHOT_VERSION, "model_id": self.loaded.model_id, "config": self.config.to_dict(),
+            "model_id": self.loaded.model_id, "config": self.config.to_dict(),
             "stride": self.stride, "prompt": self.format.name, "prefix_tokens": self.prefix_tokens,
             "read": asdict(self.read_result), "index": self.index is not None,
             "document": {"path": d.path, "kind": d.kind, "title": d.title, "sha256": d.sha256,
@@ -452,34 +501,18 @@ class ReadingSession:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Save the read document: `<path>.safetensors` (cache + source map) and `<path>.json`."""
-        from safetensors.torch import save_file
-
-        base = Path(path).with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"cache.{k}": v.contiguous() for k, v in self.doc_cache.state().items()}
+        """Save the read document as a snapshot (`engine.snapshots`: atomic, checksummed)."""
+        tensors = {f"cache.{k}": v for k, v in self.doc_cache.state().items()}
         tensors.update({f"map.{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.source_map.to_arrays().items()})
-        save_file(tensors, str(base) + ".safetensors")
-        if self.index is not None:
-            self.index.save(Path(str(base) + ".index.sqlite"))
-        Path(str(base) + ".json").write_text(json.dumps(self.manifest(), indent=1))
-        return base
+        return snapshots.write(path, tensors, self.manifest(), self.index)
 
     def load(self, path: str | Path) -> None:
-        """Load a snapshot saved by `save`; refuses one made with another model or other settings."""
-        from safetensors.torch import load_file
-
-        base = Path(path).with_suffix("") if str(path).endswith((".json", ".safetensors")) else Path(path)
-        man_path, data_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
-        if not man_path.exists() or not data_path.exists():
-            raise UserError(f"{base}: no snapshot there (need {man_path.name} and {data_path.name})")
-        try:
-            man = json.loads(man_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{man_path}: not a snapshot manifest (unreadable JSON)") from None
-        if man.get("version") != SNAPSHOT_VERSION:
-            raise UserError(f"{man_path}: snapshot version {man.get('version')} is not supported")
+        """Load a snapshot saved by `save`; refuses a damaged one, or one made with another model or
+        other settings, in one line."""
+        start = time.perf_counter()
+        man, tensors, index_path = snapshots.read(path)
+        man_path = snapshots.files(snapshots.base_of(path))[0]
         if man["model_id"] != self.loaded.model_id:
             raise UserError(f"{man_path}: made with model {man['model_id']}, not {self.loaded.model_id}")
         wanted = self.requested.to_dict()
@@ -488,10 +521,6 @@ class ReadingSession:
         if man["config"] != wanted or man["stride"] != self.stride or man["prompt"] != self.format.name:
             raise UserError(f"{man_path}: made with other cache settings ({man['config']}, stride {man['stride']}, "
                             f"prompt {man['prompt']}); use the same settings to load it")
-        try:
-            tensors = load_file(str(data_path))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{data_path}: corrupt snapshot ({type(e).__name__})") from None
         doc = man["document"]
         document = documents.Document(path=doc["path"], kind=doc["kind"], title=doc["title"], sha256=doc["sha256"],
                                       segments=[documents.Segment(s["text"], s["label"], s["meta"]) for s in doc["segments"]])
@@ -502,15 +531,13 @@ class ReadingSession:
         source_map = documents.SourceMap.from_arrays(
             document, {k[len("map."):]: v.numpy() for k, v in tensors.items() if k.startswith("map.")})
         result = ReadResult(**man["read"])
-        index_path = Path(str(base) + ".index.sqlite")
         index, note = None, ""
-        if man.get("index") or index_path.exists():
-            if not index_path.exists():
-                raise UserError(f"{index_path}: missing (the snapshot says it has a passage index)")
+        if index_path is not None:
             index = recall.PassageIndex.open(index_path, document, result.doc_tokens)
         else:
-            note = "recall is off: this snapshot was saved without a passage index (an older format)"
+            note = "recall is off: this snapshot was saved without a passage index"
         self._set_document(document, source_map, cache, man["prefix_tokens"], result, index, note)
+        self.loaded_seconds = time.perf_counter() - start  # the read itself happened when it was saved
 
 
 def retention_of(cache: KVCache, prefix_tokens: int, layer: int | None = None) -> dict:

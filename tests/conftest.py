@@ -56,3 +56,19 @@ def reference_logits(loaded, ids):
             return model(torch.tensor([ids], device=model.device)).logits.float()
     finally:
         model.set_attn_implementation(previous)
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """The real app, started once for every browser test (tests/ui_app.py)."""
+    from ui_app import serve_app
+
+    yield from serve_app(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium, started once for every browser test (tests/ui_app.py)."""
+    from ui_app import chromium
+
+    yield from chromium()

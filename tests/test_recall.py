@@ -1,5 +1,6 @@
 """Recall: passages, the FTS5 index, the frozen document memory, cascades auto, and the real path."""
 
+import hashlib
 import json
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ from engine.corpus import kjv_verses
 from engine.errors import UserError
 from engine.memory import freeze
 from engine.runtime import Engine
+from engine.snapshots import manifest_checksum
 
 
 def char_offsets(text: str) -> np.ndarray:
@@ -180,6 +182,39 @@ def test_frozen_memory_scores_are_fixed_size_and_hide_document_masks(tiny_llama)
     assert float(score[..., :4].sum()) > 0 and float(score[..., : frozen.n_doc][..., recent].sum()) > 0
 
 
+def test_hidden_document_is_skipped_not_masked_with_the_same_result(tiny_llama):
+    """hide_document(recent=0) moves the sinks next to the tail and attends to sinks + tail only:
+    the logits must equal attention over every slot with the hidden ones masked."""
+    ids = torch.randint(0, 257, (500,), generator=torch.Generator().manual_seed(6)).tolist()
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=64, cascades=4), stride=64)
+    doc = engine.new_cache()
+    engine.read([ids], doc)
+    skipped, masked = freeze(doc, tail_slots=64), freeze(doc, tail_slots=64)
+    skipped.hide_document(sinks=4)
+    keep = torch.zeros_like(masked.doc_valid)
+    keep[:4] = True
+    masked.doc_valid = masked.doc_valid & keep  # the plain rule: every slot in view, hidden ones masked
+    assert skipped.first == skipped.n_doc - 4 and masked.first == 0
+    assert skipped.resident(0)[0].shape[2] == 4 and masked.resident(0)[0].shape[2] == masked.n_doc
+    tail = [7, 8, 9, 10, 11]
+    a = torch.cat([engine.forward(torch.tensor([tail[:3]]), skipped, logits="all"),
+                   engine.forward(torch.tensor([tail[3:]]), skipped, logits="all")], 1)
+    b = torch.cat([engine.forward(torch.tensor([tail[:3]]), masked, logits="all"),
+                   engine.forward(torch.tensor([tail[3:]]), masked, logits="all")], 1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert freeze(doc, tail_slots=64, reuse=skipped).first == 0  # the next question sees everything again
+
+
+def test_prompt_chunks_are_strides_then_powers_of_two():
+    from engine.runtime import tail_chunks
+
+    for n in (1, 5, 63, 411, 512, 1000, 1537):
+        lengths = tail_chunks(n, 512)
+        assert sum(lengths) == n
+        assert all(x == 512 or (x & (x - 1)) == 0 for x in lengths)  # never a new matrix shape
+    assert tail_chunks(411, 512) == [256, 128, 16, 8, 2, 1]
+
+
 # ------------------------------------------------------------------ the real path
 
 
@@ -254,22 +289,34 @@ def test_snapshot_keeps_the_index_and_old_ones_load_with_recall_off(book_session
     q = "Who was the keeper of the royal granary?"
     assert "".join(loaded.ask(q, max_new_tokens=24)) == "".join(session.ask(q, max_new_tokens=24))
     assert [p["label"] for p in loaded.answers[-1].recalled] == [p["label"] for p in session.answers[-1].recalled]
-    # an index for another document (or a damaged one) is refused in one line
+    # an index changed after saving, or made for another document, is refused in one line
     con = sqlite3.connect(tmp_path / "snap.index.sqlite")
     con.execute("UPDATE meta SET value = 'nope' WHERE key = 'document_sha256'")
     con.commit()
     con.close()
+    with pytest.raises(UserError, match="index.sqlite: changed since it was saved"):
+        ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512).load(base)
+    man = json.loads((tmp_path / "snap.json").read_text())
+    man["index_sha256"] = hashlib.sha256((tmp_path / "snap.index.sqlite").read_bytes()).hexdigest()
+    man["checksum"] = manifest_checksum(man)
+    (tmp_path / "snap.json").write_text(json.dumps(man))
     with pytest.raises(UserError, match="does not match the document"):
         ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512).load(base)
-    # an older snapshot: no index file, no "index" in the manifest
+    # a snapshot saved without an index (e.g. re-saved from one made before indexes): recall off, said so
     (tmp_path / "snap.index.sqlite").unlink()
-    man = json.loads((tmp_path / "snap.json").read_text())
-    man.pop("index")
+    man.pop("index_sha256")
+    man["checksum"] = manifest_checksum(man)
     (tmp_path / "snap.json").write_text(json.dumps(man))
     old = ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512)
     old.load(base)
     "".join(old.ask(q, max_new_tokens=8))
-    assert old.answers[-1].recalled == [] and "older format" in old.answers[-1].recall_note
+    assert old.answers[-1].recalled == [] and "without a passage index" in old.answers[-1].recall_note
+    # the format before checksums is refused, with what to do
+    man["version"] = 1
+    man["checksum"] = manifest_checksum(man)
+    (tmp_path / "snap.json").write_text(json.dumps(man))
+    with pytest.raises(UserError, match="format 1 is not supported.*read the document again"):
+        ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades="auto"), stride=512).load(base)
 
 
 @pytest.mark.real_model

@@ -9,6 +9,7 @@ from engine.cache import CacheConfig
 from engine.corpus import kjv_text
 from engine.errors import UserError
 from engine.session import ReadingSession
+from engine.snapshots import manifest_checksum
 from engine.summaries import section_bounds, summarize_sections
 
 pytestmark = pytest.mark.real_model
@@ -45,6 +46,7 @@ def test_snapshot_refuses_other_settings_and_models(read_session, smollm2, tmp_p
         other.load(base)
     manifest = json.loads((tmp_path / "snap.json").read_text())
     manifest["model_id"] = "someone-else"
+    manifest["checksum"] = manifest_checksum(manifest)  # a valid manifest, just another model's
     (tmp_path / "snap.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="made with model someone-else"):
         ReadingSession(smollm2, CONFIG, stride=256).load(base)
@@ -54,6 +56,60 @@ def test_snapshot_refuses_other_settings_and_models(read_session, smollm2, tmp_p
         ReadingSession(smollm2, CONFIG, stride=256).load(tmp_path / "bad")
     with pytest.raises(UserError, match="no snapshot"):
         ReadingSession(smollm2, CONFIG, stride=256).load(tmp_path / "nothing")
+
+
+def test_damaged_snapshots_are_refused_in_one_line_never_served(read_session, smollm2, tmp_path):
+    """Bytes flipped across every file of a snapshot, and files cut at many offsets: loading gives a
+    one-line UserError naming the file, or (a flip that changes nothing, e.g. JSON whitespace) the
+    very same document; never a traceback, never a different answer served as if valid."""
+    import random
+    import shutil
+
+    base = read_session.save(tmp_path / "good")
+    files = [tmp_path / f"good{s}" for s in (".json", ".safetensors", ".index.sqlite")]
+    reference = "".join(read_session.ask(QUESTION, max_new_tokens=8))
+    rng = random.Random(0)
+    cases = []
+    for f in files:
+        size = f.stat().st_size
+        offsets = sorted({0, 1, size // 2, size - 1, *(rng.randrange(size) for _ in range(8))})
+        cases += [(f, "flip", o) for o in offsets] + [(f, "cut", o) for o in offsets[::2]]
+    refused = 0
+    for f, how, offset in cases:
+        work = tmp_path / "case"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        for g in files:
+            shutil.copy(g, work / g.name)
+        data = bytearray((work / f.name).read_bytes())
+        if how == "flip":
+            data[offset] ^= 0x5A
+        else:
+            del data[offset:]
+        (work / f.name).write_bytes(bytes(data))
+        session = ReadingSession(smollm2, CONFIG, stride=256)
+        try:
+            session.load(work / "good")
+        except UserError as e:
+            refused += 1
+            assert "\n" not in str(e) and "good" in str(e), (f.name, how, offset, str(e))
+            continue
+        assert "".join(session.ask(QUESTION, max_new_tokens=8)) == reference, (f.name, how, offset)
+    assert refused >= len(cases) - 2  # only a harmless flip (JSON whitespace) may load
+    # an interrupted save leaves a manifest that does not fit its tensors: refused
+    other = ReadingSession(smollm2, CacheConfig(sinks=64, window=256, cascades=4), stride=256)
+    other.read(documents.document_from_text(kjv_text(max_chars=2000, start_verse=300), title="other"))
+    other.save(tmp_path / "other")
+    shutil.copy(tmp_path / "other.safetensors", tmp_path / "good.safetensors")
+    with pytest.raises(UserError, match="good.safetensors: (does not match its manifest|tensor)"):
+        ReadingSession(smollm2, CONFIG, stride=256).load(base)
+
+
+def test_save_path_problems_are_one_line_errors(read_session, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        read_session.save(tmp_path / "a-file" / "snap")
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "a-file").is_dir()
 
 
 def test_questions_start_from_the_document_unless_continuing(read_session):

@@ -1,0 +1,24 @@
+"""app.views: the retention map's tick labels fit their share of the width (long SRT cue labels overlapped)."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from app import views
+
+
+def test_long_tick_labels_are_cut_to_their_share_of_the_width():
+    font = views._font(15)
+    label = "00:41:07,120 --> 00:41:09,800 cue 734: and then the chairman said we adjourn"
+    cut = views.fit_text(label, font, 120)
+    assert cut.endswith("…") and font.getlength(cut) <= 120
+    assert views.fit_text("1,024", font, 120) == "1,024"  # short labels stay whole
+
+
+def test_the_map_draws_with_long_labels_and_stays_its_width():
+    positions = np.arange(2 * 3 * 40).reshape(2, 3, 40)
+    retention = {"positions": positions, "seen": 240, "layers": [0, 1]}
+    labels = ["00:00:01,000 --> 00:00:04,000 cue 1 opening remarks"] * 5
+    png = views.retention_png(retention, tick_labels=labels, width=400, ticks=5)
+    assert Image.open(io.BytesIO(png)).size[0] == 400
