@@ -1,5 +1,5 @@
 """python launch.py [--host H] [--port P] [--model SPEC] [--device auto|cpu|cuda[:N]] [--share]
-[--max-upload-mb N] [--max-busy N] [--idle-timeout-min N]"""
+[--threads auto|N] [--max-upload-mb N] [--max-busy N] [--idle-timeout-min N]"""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 
 import gradio as gr
 
+from engine import threads
 from engine.errors import UserError
 
 from . import sessions
@@ -24,6 +25,8 @@ def main(argv=None, block: bool = True) -> gr.Blocks:
                    help="smollm2 (default), gemma3, a model folder, a .gguf file or a hub id")
     p.add_argument("--share", action="store_true", help="also create a public Gradio link (off by default)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads for the model: auto (default: measured, re-checked every 10 s) or a number")
     # limits that protect a shared machine (app/sessions.py)
     p.add_argument("--max-upload-mb", type=float, default=sessions.LIMITS.max_upload_mb,
                    help="largest upload accepted, in MB (default %(default)s)")
@@ -38,6 +41,7 @@ def main(argv=None, block: bool = True) -> gr.Blocks:
         p.error("--max-upload-mb and --idle-timeout-min must be > 0, --max-busy >= 1")
     try:
         use_device(args.device)
+        threads.configure(args.threads)
     except UserError as e:  # before the server starts, in one line
         print(f"launch.py: {e}", file=sys.stderr)
         sys.exit(2)

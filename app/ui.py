@@ -663,9 +663,7 @@ def save_snapshot(st: UserState, name):
     stem = _snapshot_file_name(label) or "document"
     path = sessions.snapshot_dir(st) / stem
     try:
-        st.session.save(path)
-        manifest = path.with_suffix(".json")
-        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "label": label}, indent=1))
+        st.session.save(path, label=label)
     except (UserError, OSError) as e:
         return f"⚠ Could not save: {_nice_error(e, str(sessions.snapshot_root()))}", gr.skip()
     return f"✓ Saved **{label}** (only this browser session can see it).", gr.update(choices=snapshot_choices(st),

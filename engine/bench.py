@@ -7,6 +7,7 @@ on this machine, the bound any cache policy can approach.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -56,6 +57,9 @@ def worker(args: dict) -> dict:
     from .runtime import Engine
 
     torch.manual_seed(0)
+    from . import threads
+
+    threads.configure(args.get("threads", "auto"))
     device = parse_device(args.get("device"))
     loaded = load_model(args["model"], dtype=getattr(torch, args["dtype"]), say=lambda s: None, device=device)
     ids = bench_tokens(loaded.tokenizer, args["length"])
@@ -94,6 +98,7 @@ def worker(args: dict) -> dict:
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_mb": rss_reading / 2 ** 20, "rss_after_load_mb": rss0,
         "cache_slots": config.slots if policy != "ceiling" else 0,
+        "threads": torch.get_num_threads(), "thread_probes_ms": threads.report()["thread_probes_ms"],
         "device": str(device), "peak_memory_mb": peak_memory_mb(device),
     }
 
@@ -115,18 +120,42 @@ def run_read_bench(args) -> dict:
                 if policy == "full" and length > args.full_max:
                     continue
                 job = {"model": args.model, "device": args.device, "dtype": dtype, "policy": policy, "length": length,
-                       "sinks": args.sinks, "window": args.window, "cascades": args.cascades, "stride": args.stride}
+                       "sinks": args.sinks, "window": args.window, "cascades": args.cascades, "stride": args.stride,
+                       "threads": getattr(args, "threads", "auto")}
                 print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
                 # The worker inherits OMP_WAIT_POLICY: PASSIVE rescues an oversubscribed CPU but costs
                 # ~1.6x on a quiet one (measured here: 690 vs 1103 tok/s), so it is the caller's choice.
                 row = run_worker("engine.bench", job, f"the {policy} run at {length} tokens")
                 rows.append(row)
                 print(f"  {row['tokens_per_second']:.0f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr)
+                if getattr(args, "busy", False) and policy != "ceiling":
+                    with background_load() as n:
+                        busy = run_worker("engine.bench", job, f"the busy {policy} run at {length} tokens")
+                    row.update(busy_processes=n, busy_tokens_per_second=busy["tokens_per_second"],
+                               busy_over_quiet=busy["tokens_per_second"] / row["tokens_per_second"],
+                               busy_threads=busy.get("threads"), busy_thread_probes_ms=busy.get("thread_probes_ms"))
+                    print(f"  busy ({n} busy processes): {busy['tokens_per_second']:.0f} tok/s "
+                          f"({row['busy_over_quiet']:.0%} of quiet)", file=sys.stderr)
                 results_path.write_text(json.dumps({"settings": vars_of(args), "rows": rows}, indent=1))
     summary = summarize(rows)
     results_path.write_text(json.dumps({"settings": vars_of(args), "rows": rows, "summary": summary}, indent=1))
     plot(rows, out / "read_bench.png")
     return {"rows": rows, "summary": summary, "json": str(results_path), "png": str(out / "read_bench.png")}
+
+
+@contextlib.contextmanager
+def background_load(processes: int | None = None):
+    """A bounded busy machine: one spinning process per core (like a build or a busy browser beside
+    the reader), started here and always stopped on the way out. Yields the number of processes."""
+    n = processes or os.cpu_count() or 1
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5)  # let the scheduler see them
+        yield n
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def run_worker(module: str, job: dict, what: str) -> dict:

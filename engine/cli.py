@@ -45,6 +45,9 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 on CUDA and where the CPU has native bf16 (about 2x faster), else float32")
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads for the model: auto (default: measured now and every 10 s, so a busy "
+                        "computer does not stall the read) or a number")
 
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
@@ -147,6 +150,12 @@ def reading_bar(args, session, document):
     return bar
 
 
+def threads_report() -> dict:
+    from . import threads
+
+    return threads.report()
+
+
 def result_json(session, answer, extra: dict | None = None) -> dict:
     r = session.read_result
     loaded = session.loaded_seconds is not None  # from a snapshot: this run did not read
@@ -160,7 +169,7 @@ def result_json(session, answer, extra: dict | None = None) -> dict:
         "answer_tokens": answer.tokens, "answer_seconds": round(answer.seconds, 3),
         # the process's peak includes loading the model; read_peak_rss_mb is the peak while reading
         "peak_rss_mb": round(peak_rss_mb(), 1), "read_peak_rss_mb": None if loaded else r.peak_rss_mb,
-        **session.device_report(), "cache_slots": session.config.slots,
+        **session.device_report(), **threads_report(), "cache_slots": session.config.slots,
         "cache_mb": round(session.budget()["cache_mb"], 2), "policy": session.config.policy,
         "window": session.config.window, "cascades": session.config.cascades, "sinks": session.config.sinks,
         "stride": session.stride, "model": session.loaded.model_id, "prompt": session.format.name,
@@ -290,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full-max", type=int, default=32768, help="longest length to run full attention at")
     b.add_argument("--kernels", action="store_true", help="time the attention kernels instead (GPU benchmark)")
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="prompt sizes for --kernels")
+    b.add_argument("--busy", action="store_true",
+                   help="run each reading case again beside a background load it starts and stops itself "
+                        "(one busy process per core) and report busy / quiet")
     b.add_argument("--answers", type=int, default=0,
                    help="instead of reading speed: RSS after reading Exodus and after each of N answers")
     b.add_argument("--doc-chars", type=int, default=40_000, help="characters of Exodus read for --answers")
@@ -315,6 +327,10 @@ def main(argv=None) -> int:
     try:
         if getattr(args, "device", None) is not None:  # a bad device is refused before anything loads
             args.device = parse_device(args.device)
+        if getattr(args, "threads", None) is not None:
+            from . import threads
+
+            threads.configure(args.threads)
         return handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from . import kernels
+from . import kernels, threads
 from .architectures import check_architecture, check_positions
 from .attention import mask_bias, query_weights, window_bias
 from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
@@ -180,6 +180,7 @@ class Engine:
 
         ids: [1, L]; logits: "none" (reading), "last" (next-token), or "all" (perplexity).
         """
+        threads.tick()  # --threads auto: re-measure the best thread count when a check is due
         length = ids.shape[1]
         parts = {}
         for name, part in cache.parts.items():

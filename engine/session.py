@@ -500,12 +500,14 @@ class ReadingSession:
                          "segments": [{"text": s.text, "label": s.label, "meta": s.meta} for s in d.segments]},
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Save the read document as a snapshot (`engine.snapshots`: atomic, checksummed)."""
+    def save(self, path: str | Path, label: str | None = None) -> Path:
+        """Save the read document as a snapshot (`engine.snapshots`: atomic, checksummed); `label` is
+        the name a person gave it (kept in the manifest, so covered by its checksum)."""
         tensors = {f"cache.{k}": v for k, v in self.doc_cache.state().items()}
         tensors.update({f"map.{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.source_map.to_arrays().items()})
-        return snapshots.write(path, tensors, self.manifest(), self.index)
+        manifest = self.manifest() if label is None else {**self.manifest(), "label": label}
+        return snapshots.write(path, tensors, manifest, self.index)
 
     def load(self, path: str | Path) -> None:
         """Load a snapshot saved by `save`; refuses a damaged one, or one made with another model or

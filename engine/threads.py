@@ -5,8 +5,8 @@ cores busy, the model's worker threads meet at the end of every parallel region,
 scheduler has handed to another program makes the others wait (libgomp even spins while waiting):
 reads ran 2-15x slower with a browser and a build beside them (FINDINGS.md). One thread has no one
 to wait for. Which is faster depends on the load of the moment, so `--threads auto` measures it: a
-short probe (model-shaped bfloat16 matmuls, ~50 ms) with each candidate, alternated, at the start
-and again every RECHECK_S seconds of model work; the faster count is used until the next check.
+short probe (model-shaped bfloat16 matmuls, ~0.1 s) with each candidate, alternated, at the start
+again after FIRST_RECHECK_S, then every RECHECK_S seconds of model work; the faster count is used until the next check.
 `--threads N` fixes the count. OMP_WAIT_POLICY is left as the user set it.
 """
 
@@ -19,7 +19,8 @@ import torch
 
 from .errors import UserError
 
-RECHECK_S = 20.0  # seconds between probes while the model works (a probe costs ~0.3% of that)
+RECHECK_S = 10.0  # seconds between probes while the model works (a probe costs ~1% of that)
+FIRST_RECHECK_S = 3.0  # the first probe runs as work starts, when the load may still be settling
 _state = {"mode": None, "next_check": 0.0, "choice": None, "max": None, "probes": []}
 
 
@@ -52,7 +53,7 @@ def candidates() -> list[int]:
     return sorted({1, most}, reverse=True)
 
 
-def _probe(repeats: int = 4) -> float:
+def _probe(repeats: int = 16) -> float:
     """Seconds for a fixed model-shaped workload (a 64-token chunk through one MLP) at the current count."""
     x = torch.ones(64, 576, dtype=torch.bfloat16)
     w1 = torch.ones(576, 1536, dtype=torch.bfloat16)
@@ -64,14 +65,18 @@ def _probe(repeats: int = 4) -> float:
 
 
 def choose() -> int:
-    """Probe every candidate (alternating, best of 3 each) and use the fastest; returns the count."""
+    """Probe every candidate (alternating, median of 3 each) and use the fastest; returns the count.
+
+    The median, not the best: under load a short probe with every thread sometimes lands in a moment
+    when all its cores are free, and the best of a few would pick the count that usually stalls.
+    """
     options = candidates()
-    best: dict[int, float] = {}
+    times: dict[int, list[float]] = {n: [] for n in options}
     for _ in range(3):
         for n in options:
             torch.set_num_threads(n)
-            t = _probe()
-            best[n] = min(best.get(n, t), t)
+            times[n].append(_probe())
+    best = {n: sorted(t)[1] for n, t in times.items()}
     # more threads only when clearly faster: on a quiet machine they win by ~1.5x, under load they lose
     choice = options[0] if best[options[0]] < 0.9 * best[options[-1]] else options[-1]
     torch.set_num_threads(choice)
@@ -86,8 +91,9 @@ def tick() -> None:
         return
     now = time.monotonic()
     if now >= _state["next_check"]:
+        first = not _state["probes"]
         choose()
-        _state["next_check"] = time.monotonic() + RECHECK_S
+        _state["next_check"] = time.monotonic() + (FIRST_RECHECK_S if first else RECHECK_S)
 
 
 def report() -> dict:
