@@ -537,7 +537,8 @@ class ReadingSession:
         if index_path is not None:
             index = recall.PassageIndex.open(index_path, document, result.doc_tokens)
         else:
-            note = "recall is off: this snapshot was saved without a passage index"
+            note = "recall is off: this snapshot was saved without a passage index" + (
+                " (an older format)" if man.get("version") == 1 else "")
         self._set_document(document, source_map, cache, man["prefix_tokens"], result, index, note)
         self.loaded_seconds = time.perf_counter() - start  # the read itself happened when it was saved
 

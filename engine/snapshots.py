@@ -20,7 +20,7 @@ import torch
 
 from .errors import UserError
 
-VERSION = 2  # 2: checksums and shapes in the manifest (1 had none and is refused)
+VERSION = 2  # 2: checksums and shapes in the manifest (1 had none; still read, unverified)
 
 
 def base_of(path: str | os.PathLike) -> Path:
@@ -107,6 +107,21 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: d
     return base
 
 
+def _read_format_1(man: dict, data_path: Path, index_path: Path):
+    """Snapshots saved before checksums: loaded as before (nothing to verify them against), the index
+    only when the manifest names one. A damaged format-2 file cannot pass for one: a byte flip cannot
+    remove its "checksum" and "tensors" keys and still be JSON."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(data_path))
+    except Exception as e:
+        raise UserError(f"{data_path}: damaged snapshot ({type(e).__name__})") from None
+    if man.get("index") and not index_path.exists():
+        raise UserError(f"{index_path}: missing (the snapshot says it has a passage index)")
+    return man, tensors, index_path if man.get("index") else None
+
+
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path | None]:
     """Read and verify a snapshot: (manifest, tensors, index path or None). One-line UserError otherwise."""
     from safetensors.torch import load_file
@@ -121,9 +136,11 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path |
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{man_path}: not a snapshot manifest (unreadable JSON)") from None
+    if man.get("version") == 1 and "checksum" not in man and "tensors" not in man:
+        return _read_format_1(man, data_path, index_path)
     if man.get("version") != VERSION:
         raise UserError(f"{man_path}: snapshot format {man.get('version')} is not supported (this version "
-                        f"reads format {VERSION}); read the document again to make a new snapshot")
+                        f"reads formats 1 and {VERSION}); read the document again to make a new snapshot")
     if man.get("checksum") != manifest_checksum(man):
         raise UserError(f"{man_path}: the manifest is damaged (checksum mismatch)")
     try:
