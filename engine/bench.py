@@ -52,7 +52,7 @@ def worker(args: dict) -> dict:
 
     from transformers import AttentionInterface
 
-    from .devices import parse_device, peak_memory_mb
+    from .devices import peak_memory_mb
     from .models import load_model
     from .runtime import Engine
 

@@ -96,18 +96,14 @@ def open_session(args, read: bool = True):
     With read=False the document is only loaded (session.pending_document) for the caller to read.
     """
     from . import documents
-    from .session import ReadingSession
+    from .session import ReadingSession, check_request
 
     config = cache_config(args)  # validate options before the slow model load
     answering = answer_settings(args)
     if args.stride < 1:
         raise UserError(f"stride must be >= 1, not {args.stride}")
-    if getattr(args, "max_new_tokens", 1) < 1:
-        raise UserError(f"max-new-tokens must be >= 1, not {args.max_new_tokens}")
-    if not getattr(args, "temperature", 0.0) >= 0:  # NaN too
-        raise UserError(f"temperature must be >= 0, not {args.temperature}")
-    if getattr(args, "question", None) is not None and not args.question.strip():
-        raise UserError("the question is empty")
+    check_request(getattr(args, "question", None), getattr(args, "max_new_tokens", 1),
+                  getattr(args, "temperature", 0.0))
     if args.save:
         from .snapshots import check_writable
 
@@ -150,13 +146,9 @@ def reading_bar(args, session, document):
     return bar
 
 
-def threads_report() -> dict:
+def result_json(session, answer, extra: dict | None = None) -> dict:
     from . import threads
 
-    return threads.report()
-
-
-def result_json(session, answer, extra: dict | None = None) -> dict:
     r = session.read_result
     loaded = session.loaded_seconds is not None  # from a snapshot: this run did not read
     out = {
@@ -169,7 +161,7 @@ def result_json(session, answer, extra: dict | None = None) -> dict:
         "answer_tokens": answer.tokens, "answer_seconds": round(answer.seconds, 3),
         # the process's peak includes loading the model; read_peak_rss_mb is the peak while reading
         "peak_rss_mb": round(peak_rss_mb(), 1), "read_peak_rss_mb": None if loaded else r.peak_rss_mb,
-        **session.device_report(), **threads_report(), "cache_slots": session.config.slots,
+        **session.device_report(), **threads.report(), "cache_slots": session.config.slots,
         "cache_mb": round(session.budget()["cache_mb"], 2), "policy": session.config.policy,
         "window": session.config.window, "cascades": session.config.cascades, "sinks": session.config.sinks,
         "stride": session.stride, "model": session.loaded.model_id, "prompt": session.format.name,

@@ -179,7 +179,7 @@ def _for_run(rows: list[dict], args) -> list[dict]:
 
 def _fits(loaded, policy: str, total_tokens: int) -> bool:
     """Full attention only where the whole prompt fits the model's trained positions."""
-    return policy != "full" or not loaded.max_positions or total_tokens <= loaded.max_positions
+    return policy != "full" or loaded.fits_positions(total_tokens)
 
 
 def _stops(tokenizer) -> set[int]:

@@ -113,7 +113,6 @@ class FrozenMemory(KVCache):
         self.tail = min(self.tail, tail)
         self.seen = self.doc_seen + self.tail
 
-
     def hide_document(self, sinks: int, recent: int = 0) -> None:
         """Mask the document's slots from attention except the first `sinks` physical slots and the
         `recent` slots with the latest in-cache positions (the most recent text read); tail untouched.
@@ -134,7 +133,7 @@ class FrozenMemory(KVCache):
         for layer in range(self.n_layers):
             for buf in (self.keys[layer], self.values[layer], self.pos[layer], self.score[layer]):
                 buf[:, :, first: self.n_doc] = buf[:, :, :sinks].clone()
-        self.doc_pos, self.doc_valid = self.doc_pos.clone(), self.doc_valid.clone()
+        self.doc_pos = self.doc_pos.clone()  # may be the document cache's own tensor (doc_valid is a new one)
         self.doc_pos[first:], self.doc_valid[first:] = self.doc_pos[:sinks].clone(), self.doc_valid[:sinks].clone()
         self.first = first
 

@@ -82,6 +82,10 @@ class LoadedModel:
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
+    def fits_positions(self, tokens: int) -> bool:
+        """Whether `tokens` consecutive positions stay within those the model was trained on."""
+        return not self.max_positions or tokens <= self.max_positions
+
 
 def cache_dir() -> Path:
     """Where converted models live; CASCADE_READER_HOME overrides the platform cache dir."""

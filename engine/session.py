@@ -104,6 +104,22 @@ RECALL_ASK = "Answer from the document. "
 BASELINE_QUESTION = "What is this document about?"  # the attention of a question with no particular target
 
 
+def check_request(question: str | None, max_new_tokens: int, temperature: float = 0.0,
+                  top_p: float = 0.95) -> str | None:
+    """The checks that need no model (the CLI runs them before loading one); the question, stripped."""
+    if question is not None:
+        question = question.strip()
+        if not question:
+            raise UserError("the question is empty")
+    if max_new_tokens < 1:
+        raise UserError(f"max-new-tokens must be >= 1, not {max_new_tokens}")
+    if not temperature >= 0:  # also refuses NaN
+        raise UserError(f"temperature must be >= 0, not {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top-p must be in (0, 1], not {top_p}")
+    return question
+
+
 class ReadingSession:
     def __init__(self, loaded: LoadedModel, config: CacheConfig, stride: int = 512,
                  prompt: str | None = None, answering: AnswerSettings | None = None):
@@ -149,7 +165,7 @@ class ReadingSession:
         prefix_ids = self._ids(self.format.prefix)
         pieces = documents.tokenize_stream(document, tok, source_map=source_map)
         total = (total_tokens or documents.count_tokens(document, tok)) + len(prefix_ids)
-        self._check_positions(total, "the document")
+        self._check_full_positions(total, "the document")
         self.configure_for(total)
         cache = self.engine.new_cache()
 
@@ -178,13 +194,13 @@ class ReadingSession:
                            recall.PassageIndex.build(document, source_map.offsets))
         return self.read_result
 
-    def _check_positions(self, tokens: int, what: str) -> None:
+    def _check_full_positions(self, tokens: int, what: str) -> None:
         """Full attention places token i at position i: past the model's trained positions it answers
         gibberish, so such a read or answer is refused (the cascade and sink caches never get there)."""
-        limit = self.loaded.max_positions
-        if self.config.policy == "full" and limit and tokens > limit:
+        if self.config.policy == "full" and not self.loaded.fits_positions(tokens):
             raise UserError(f"full attention over {what} needs {tokens:,} positions, past the "
-                            f"{limit:,} that {self.loaded.model_id} was trained on; use --policy cascade or sink")
+                            f"{self.loaded.max_positions:,} that {self.loaded.model_id} was trained on; "
+                            "use --policy cascade or sink")
 
     def _set_document(self, document, source_map, cache, prefix_tokens, result,
                       index: recall.PassageIndex | None, index_note: str = "") -> None:
@@ -225,15 +241,7 @@ class ReadingSession:
     def check_question(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
                        top_p: float = 0.95) -> str:
         """The question, stripped; refuses an empty or over-long one and sampling settings out of range."""
-        question = question.strip()
-        if not question:
-            raise UserError("the question is empty")
-        if max_new_tokens < 1:
-            raise UserError(f"max-new-tokens must be >= 1, not {max_new_tokens}")
-        if not temperature >= 0:  # also refuses NaN
-            raise UserError(f"temperature must be >= 0, not {temperature}")
-        if not 0 < top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1], not {top_p}")
+        question = check_request(question, max_new_tokens, temperature, top_p)
         n = len(self._ids(question))
         if n > self.answering.question_tokens:
             raise UserError(f"the question is {n} tokens long; the limit is {self.answering.question_tokens}")
@@ -270,7 +278,8 @@ class ReadingSession:
             if not recalled:
                 answer.recall_note = "no passage was recalled: no part of the document matches the question"
         ids, tail_doc = self._tail(question, turns, recalled)
-        self._check_positions(self.doc_cache.n_valid + len(ids) + max_new_tokens, "the document, question and answer")
+        self._check_full_positions(self.doc_cache.n_valid + len(ids) + max_new_tokens,
+                                   "the document, question and answer")
         cache_memory = memory_of(cache)
         if recalled and not settings.memory_in_answer:
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)

@@ -39,8 +39,7 @@ def files(base: Path) -> tuple[Path, Path, Path]:
 def check_writable(path: str | os.PathLike) -> Path:
     """Refuse, before any work, a save path that cannot be written (a file in the way, no permission)."""
     base = base_of(path)
-    folder = base.parent
-    probe = folder
+    probe = base.parent
     while not probe.exists():  # the nearest folder that exists must be a writable folder
         probe = probe.parent
     if not probe.is_dir():
@@ -107,21 +106,6 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: d
     return base
 
 
-def _read_format_1(man: dict, data_path: Path, index_path: Path):
-    """Snapshots saved before checksums: loaded as before (nothing to verify them against), the index
-    only when the manifest names one. A damaged format-2 file cannot pass for one: a byte flip cannot
-    remove its "checksum" and "tensors" keys and still be JSON."""
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(data_path))
-    except Exception as e:
-        raise UserError(f"{data_path}: damaged snapshot ({type(e).__name__})") from None
-    if man.get("index") and not index_path.exists():
-        raise UserError(f"{index_path}: missing (the snapshot says it has a passage index)")
-    return man, tensors, index_path if man.get("index") else None
-
-
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path | None]:
     """Read and verify a snapshot: (manifest, tensors, index path or None). One-line UserError otherwise."""
     from safetensors.torch import load_file
@@ -136,18 +120,32 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path |
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{man_path}: not a snapshot manifest (unreadable JSON)") from None
-    if man.get("version") == 1 and "checksum" not in man and "tensors" not in man:
-        return _read_format_1(man, data_path, index_path)
-    if man.get("version") != VERSION:
+    # Format 1 (before checksums) is read as it always was, with nothing to verify it against. A
+    # damaged format-2 manifest cannot pass for one: a byte flip cannot remove both its "checksum" and
+    # "tensors" keys and still be JSON.
+    legacy = man.get("version") == 1 and "checksum" not in man and "tensors" not in man
+    if not legacy and man.get("version") != VERSION:
         raise UserError(f"{man_path}: snapshot format {man.get('version')} is not supported (this version "
                         f"reads formats 1 and {VERSION}); read the document again to make a new snapshot")
-    if man.get("checksum") != manifest_checksum(man):
+    if not legacy and man.get("checksum") != manifest_checksum(man):
         raise UserError(f"{man_path}: the manifest is damaged (checksum mismatch)")
     try:
         tensors = load_file(str(data_path))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UserError(f"{data_path}: damaged snapshot ({type(e).__name__})") from None
-    want = man.get("tensors") or {}
+    if not legacy:
+        _verify_tensors(man.get("tensors") or {}, tensors, data_path)
+    if not (man.get("index") if legacy else "index_sha256" in man):
+        return man, tensors, None
+    if not index_path.exists():
+        raise UserError(f"{index_path}: missing (the snapshot says it has a passage index)")
+    if not legacy and _sha256_file(index_path) != man["index_sha256"]:
+        raise UserError(f"{index_path}: changed since it was saved (checksum mismatch)")
+    return man, tensors, index_path
+
+
+def _verify_tensors(want: dict, tensors: dict[str, torch.Tensor], data_path: Path) -> None:
+    """Every tensor the manifest names, with its shape, dtype and SHA-256, and no other."""
     if set(want) != set(tensors):
         raise UserError(f"{data_path}: does not match its manifest (other tensors; an interrupted save?)")
     for name, t in tensors.items():
@@ -157,11 +155,3 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path |
                             f"says {w['shape']} {w['dtype']} (an interrupted save?)")
         if _sha256_tensor(t) != w["sha256"]:
             raise UserError(f"{data_path}: tensor {name} is damaged (checksum mismatch)")
-    index = None
-    if "index_sha256" in man:
-        if not index_path.exists():
-            raise UserError(f"{index_path}: missing (the snapshot says it has a passage index)")
-        if _sha256_file(index_path) != man["index_sha256"]:
-            raise UserError(f"{index_path}: changed since it was saved (checksum mismatch)")
-        index = index_path
-    return man, tensors, index

@@ -5,9 +5,10 @@ cores busy, the model's worker threads meet at the end of every parallel region,
 scheduler has handed to another program makes the others wait (libgomp even spins while waiting):
 reads ran 2-15x slower with a browser and a build beside them (FINDINGS.md). One thread has no one
 to wait for. Which is faster depends on the load of the moment, so `--threads auto` measures it: a
-short probe (model-shaped bfloat16 matmuls, ~0.1 s) with each candidate, alternated, at the start
-again after FIRST_RECHECK_S, then every RECHECK_S seconds of model work; the faster count is used until the next check.
-`--threads N` fixes the count. OMP_WAIT_POLICY is left as the user set it.
+short probe (model-shaped bfloat16 matmuls, ~0.1 s) with each candidate, alternated, when work
+starts, again after FIRST_RECHECK_S, then every RECHECK_S seconds of model work; the faster count
+is used until the next check. `--threads N` fixes the count. OMP_WAIT_POLICY is left as the user
+set it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .errors import UserError
 
 RECHECK_S = 10.0  # seconds between probes while the model works (a probe costs ~1% of that)
 FIRST_RECHECK_S = 3.0  # the first probe runs as work starts, when the load may still be settling
-_state = {"mode": None, "next_check": 0.0, "choice": None, "max": None, "probes": []}
+_state = {"mode": None, "next_check": 0.0, "max": None, "probes": []}
 
 
 def parse_threads(text: str | int | None) -> str | int:
@@ -45,7 +46,6 @@ def configure(setting: str | int | None = "auto") -> None:
     _state["mode"], _state["next_check"] = mode, 0.0
     if mode != "auto":
         torch.set_num_threads(mode)
-        _state["choice"] = mode
 
 
 def candidates() -> list[int]:
@@ -80,7 +80,6 @@ def choose() -> int:
     # more threads only when clearly faster: on a quiet machine they win by ~1.5x, under load they lose
     choice = options[0] if best[options[0]] < 0.9 * best[options[-1]] else options[-1]
     torch.set_num_threads(choice)
-    _state["choice"] = choice
     _state["probes"] = (_state["probes"] + [{n: round(t * 1e3, 2) for n, t in best.items()}])[-20:]
     return choice
 
