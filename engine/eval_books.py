@@ -70,9 +70,13 @@ def gold_spans(item: dict, spans: dict) -> list[tuple[int, int]]:
     return [spans[(item["book"], c, v)] for c, v in item["refs"] if (item["book"], c, v) in spans]
 
 
-def hits(passages, gold: list[tuple[int, int]]) -> bool:
-    """Whether any passage overlaps a verse that holds the answer."""
-    return any(p.char_start < b and a < p.char_end for p in passages for a, b in gold)
+def hits(ranges, gold: list[tuple[int, int]]) -> bool:
+    """Whether any (char_start, char_end) span of the recalled text overlaps a verse holding the answer."""
+    return any(s0 < b and a < s1 for s0, s1 in ranges for a, b in gold)
+
+
+def spans(passages) -> list[tuple[int, int]]:
+    return [(p.char_start, p.char_end) for p in passages]
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -166,8 +170,8 @@ def run_books(args) -> dict:
                     for name, kw in (("bm25", dict(attention=None)), ("attention", dict(use_bm25=False))):
                         picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
                                          args.recall_tokens, tokens_of=session.recall_cost,
-                                         use_bm25=kw.get("use_bm25", True))
-                        row[f"hit_{name}"] = hits([x.passage for x in picked], gold)
+                                         use_bm25=kw.get("use_bm25", True), offsets=session.source_map.offsets)
+                        row[f"hit_{name}"] = hits(spans(x.passage for x in picked), gold)
                 t0 = time.perf_counter()
                 "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, recall_on=r == "on"))
                 a = session.answers[-1]
@@ -177,9 +181,9 @@ def run_books(args) -> dict:
                            recalled=[d["label"] for d in recalled],
                            citations=[c.label for c in a.citations])
                 if r == "on":
-                    row["hit"] = hits([session.index.passages[d["passage"]] for d in recalled], gold)
-                    row["cited_gold"] = hits([session.index.passages[c.passage] for c in a.citations
-                                              if c.passage is not None], gold)
+                    row["hit"] = hits([(d["char_start"], d["char_end"]) for d in recalled], gold)
+                    row["cited_gold"] = hits(spans(session.index.passages[c.passage] for c in a.citations
+                                                    if c.passage is not None), gold)
                 results.add(case, row)
                 _say(f"{doc_name} {policy} recall {r} {it['id']}: {a.text[:70]!r} "
                      f"{'ok' if row['correct'] else 'miss'}" + (f" hit {row['hit']}" if r == "on" else ""))
@@ -236,7 +240,7 @@ def run_references(args, loaded, prompt, settings, results, doc_name, doc, items
             text = no_document_answer(session, it["question"], args.new_tokens)
         else:  # the passages holding the gold verses, framed as recall frames them
             gold = gold_spans(it, spans)
-            held = [p for p in passages if hits([p], gold)]
+            held = [p for p in passages if hits(spans([p]), gold)]
             body = "\n\n".join(f"[{p.label}]\n{doc.text[p.char_start:p.char_end]}" for p in held)
             session.read(documents.document_from_text(body, title=f"{doc_name} oracle"))
             "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, n_citations=0))

@@ -10,8 +10,10 @@ RAM flat whatever the book's length). A question ranks passages two ways:
 - attention: how much attention the question gave the cache slots that still hold tokens of each
   passage (the model's own pointer into the book; it finds passages that share no words).
 
-Both rankings are fused by reciprocal rank (RRF, k = 60), and the best passages that fit the
-recall budget are re-read, in document order, right before the question.
+Both rankings are fused by reciprocal rank (RRF, k = 60). Each chosen passage is then **narrowed**
+to its best-matching lines (at most NARROW_TOKENS, grown around the line that BM25 likes best), so
+the recall budget holds the answer's lines of three or four passages instead of two whole passages;
+the narrowed passages that fit the budget are re-read, in document order, right before the question.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ INDEX_VERSION = 1
 TARGET_TOKENS = 160  # a passage closes at the first line break past this many tokens
 MAX_TOKENS = 300  # a longer line is cut at sentence ends, then at spaces
 RRF_K = 60
+# A recalled passage is cut to at most this many tokens around its best-matching line. Chosen offline
+# on the tuning questions (recall hit within a 384-token budget, BM25 order; docs/eval.md): whole
+# passages 66/69 books, 7/10 Bible; 160: 64/69, 8/10; 120: 65/69, 8/10; 90: 62/69, 9/10. On the
+# held-out Bible questions (bib-11..35) whole passages hit 19/25 and 120 hits 24/25.
+NARROW_TOKENS = 120
 # Weight of each signal in the fusion. Measured on Exodus (docs/eval.md): BM25 alone put the answer's
 # passage in the recall budget 16/16 times, the question's attention alone 0/16 (its top passages are
 # the book's last pages: recency); equal-weight fusion 2/8, weight 0.3 9/12, 0.1 13/16, because a
@@ -77,6 +84,7 @@ class Recalled:
     def to_dict(self) -> dict:
         p = self.passage
         return {"label": p.label, "token_start": p.token_start, "token_end": p.token_end, "passage": p.id,
+                "char_start": p.char_start, "char_end": p.char_end,
                 "bm25_rank": self.bm25_rank, "bm25": self.bm25, "attention_rank": self.attention_rank,
                 "attention": self.attention, "fused": round(self.fused, 5), "text": self.text}
 
@@ -290,11 +298,13 @@ def attention_by_passage(index: PassageIndex, doc_tokens: np.ndarray, weights: n
 
 
 def rank(index: PassageIndex, question: str, attention: dict[int, float] | None, budget: int,
-         tokens_of=lambda p: p.tokens + 8, limit: int = 50, use_bm25: bool = True) -> list[Recalled]:
+         tokens_of=lambda p: p.tokens + 8, limit: int = 50, use_bm25: bool = True,
+         offsets: np.ndarray | None = None, narrow_tokens: int = NARROW_TOKENS) -> list[Recalled]:
     """Fuse the BM25 and attention rankings (RRF) and take the best passages that fit `budget` tokens.
 
-    tokens_of(passage) is what re-reading it costs (its text and its label). Returns them in
-    document order, so the model re-reads the book as it is written.
+    With `offsets` (SourceMap.offsets), each passage is first narrowed to its best-matching lines
+    (`narrow`). tokens_of(passage) is what re-reading it costs (its text and its label). Returns them
+    in document order, so the model re-reads the book as it is written.
     """
     lexical = index.bm25(question, limit) if use_bm25 else []
     by_attention = sorted((attention or {}).items(), key=lambda kv: -kv[1])[:limit]
@@ -308,14 +318,83 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     # a small reader is misled by every extra passage (docs/eval.md), and attention alone rarely finds
     # the answer's passage.
     candidates = [pid for pid, _ in lexical] if lexical else list(fused)
+    best = best_lines(index, question, candidates) if offsets is not None and lexical else {}
     picked, used = [], 0
     for pid in sorted(candidates, key=lambda p: (-fused[p], p)):
-        p = index.passages[pid]
+        p, text = index.passages[pid], index.text(index.passages[pid])
+        if pid in best:
+            p, text = narrow(p, text, best[pid], offsets, narrow_tokens)
         cost = tokens_of(p)
         if used + cost > budget:
             continue
         used += cost
         lr, ar = lex_rank.get(pid), att_rank.get(pid)
-        picked.append(Recalled(p, index.text(p), lr and lr[0], lr and round(lr[1], 4), ar and ar[0],
+        picked.append(Recalled(p, text, lr and lr[0], lr and round(lr[1], 4), ar and ar[0],
                                ar and round(ar[1], 5), fused[pid]))
     return sorted(picked, key=lambda r: r.passage.token_start)
+
+
+# ------------------------------------------------------------------ narrowing a passage to its lines
+
+def best_lines(index: PassageIndex, question: str, pids: list[int]) -> dict[int, int]:
+    """Passage id -> char offset (in the passage's text) of its line that BM25 likes best.
+
+    The lines of the candidate passages go into a throwaway in-memory FTS5 table, so a question's
+    rare words weigh most among the lines it is choosing between; the saved index stays as it is.
+    """
+    query = fts_query(question)
+    if not query or not pids:
+        return {}
+    con = sqlite3.connect(":memory:")
+    try:
+        con.execute("CREATE VIRTUAL TABLE line USING fts5(text, pid UNINDEXED, at UNINDEXED, "
+                    "tokenize='porter unicode61')")
+        rows = []
+        for pid in pids:
+            text = index.text(index.passages[pid])
+            rows += [(text[a:b], pid, a) for a, b in _lines(text, 0, len(text)) if text[a:b].strip()]
+        con.executemany("INSERT INTO line(text, pid, at) VALUES (?, ?, ?)", rows)
+        best: dict[int, int] = {}
+        for pid, at in con.execute("SELECT pid, at FROM line WHERE line MATCH ? ORDER BY bm25(line)", (query,)):
+            best.setdefault(int(pid), int(at))
+        return best
+    finally:
+        con.close()
+
+
+_LINES_LABEL = re.compile(r"^(?:(?P<head>.*), )?lines? (?P<first>\d+)(?:-\d+)?$")
+
+
+def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int) -> tuple[Passage, str]:
+    """The passage cut to whole lines around the line starting at `at` (in `text`), grown one line
+    after, then one before, while it stays within max_tokens. A passage already that short, or one
+    line long, is kept whole. Plain-text labels name the narrowed lines ("Chapter 3, lines 12-14")."""
+    if p.tokens <= max_tokens:
+        return p, text
+    lines = [(a, b) for a, b in _lines(text, 0, len(text))]
+    i = next((k for k, (a, _) in enumerate(lines) if a == at), None)
+    if i is None or len(lines) == 1:
+        return p, text
+    tokens = lambda lo, hi: _ntok(offsets, p.char_start + lines[lo][0], p.char_start + lines[hi][1])
+    lo = hi = i
+    grown = True
+    while grown:
+        grown = False
+        for j in (hi + 1, lo - 1):
+            if 0 <= j < len(lines) and tokens(min(lo, j), max(hi, j)) <= max_tokens:
+                lo, hi, grown = min(lo, j), max(hi, j), True
+    while lo < hi and not text[lines[lo][0]:lines[lo][1]].strip():
+        lo += 1  # no blank line at either end
+    while hi > lo and not text[lines[hi][0]:lines[hi][1]].strip():
+        hi -= 1
+    a, b = lines[lo][0], lines[hi][1]
+    label = p.label
+    m = _LINES_LABEL.match(p.label)
+    if m:  # plain text: line numbers of the narrowed lines (the passage's lines are consecutive)
+        first = int(m["first"]) + text.count("\n", 0, a)
+        last = first + text.count("\n", a, b)
+        span = f"lines {first}-{last}" if last > first else f"line {first}"
+        label = f"{m['head']}, {span}" if m["head"] else span
+    c0, c1 = p.char_start + a, p.char_start + b
+    t0, t1 = int(np.searchsorted(offsets, c0)), int(np.searchsorted(offsets, c1))
+    return Passage(p.id, label, c0, c1, t0, t1), text[a:b]

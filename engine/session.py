@@ -368,7 +368,8 @@ class ReadingSession:
         wanted = signals == "attention" or (signals == "both" and not self.index.bm25(question, 1))
         attention = self.passage_attention(question, cache) if wanted else None
         return recall.rank(self.index, question, attention, self.answering.recall_tokens,
-                           tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"))
+                           tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"),
+                           offsets=self.source_map.offsets)
 
     @staticmethod
     def recall_cost(p: recall.Passage) -> int:

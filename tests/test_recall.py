@@ -96,6 +96,26 @@ def test_bm25_finds_the_passage_with_the_answer(index):
     assert [p.passage.token_start for p in picked] == sorted(p.passage.token_start for p in picked)
 
 
+def test_recall_narrows_passages_to_the_lines_that_match(index):
+    doc, idx = index
+    offsets = char_offsets(doc.text)
+    question = "Who was the priest of Midian, the father-in-law of Moses?"
+    whole = recall.rank(idx, question, None, budget=400)
+    narrowed = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60)
+    assert len(narrowed) > len(whole)  # the same budget holds more of the best passages
+    for r in narrowed:
+        p, parent = r.passage, idx.passages[r.passage.id]
+        assert parent.char_start <= p.char_start < p.char_end <= parent.char_end
+        assert doc.text[p.char_start:p.char_end] == r.text
+        assert p.tokens <= 60 or "\n" not in r.text or p == parent  # a line longer than that stays whole
+        if p != parent:  # whole lines, labelled by their own line numbers
+            assert doc.text[p.char_start - 1] == "\n" and doc.text[p.char_end] == "\n"
+            first = int(p.label.split("line")[1].strip(" s").split("-")[0])
+            assert doc.text.split("\n")[first - 1] == r.text.split("\n")[0]
+    assert any("Jethro" in r.text and "Midian" in r.text for r in narrowed)  # the line that matched
+    assert sum(r.passage.tokens + 8 for r in narrowed) <= 400
+
+
 def test_fts_query_is_safe_for_any_question(index):
     _, idx = index
     for q in ['"unbalanced', "NEAR(a b)", "a* OR -b", "col:value", "Moses' rod?"]:
