@@ -1,7 +1,8 @@
 """Pure rendering: engine results -> HTML, Markdown and images for the UI. No model logic here.
 
-Everything here is cheap on purpose: the retention map is drawn with numpy + Pillow (a few ms for a
-30-layer model) and shipped inline as a data-URI PNG, so live updates while reading write no files.
+Everything here is cheap on purpose: the retention map's cells are drawn with numpy + Pillow (a few ms
+for a 30-layer model) into a small PNG, and its labels are SVG text around it, inline in the page: the
+map scales to its column with sharp, selectable labels, and live updates while reading write no files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont
 
 # a sequential colour ramp (paper white -> deep blue); index 0 = nothing held
 _RAMP = np.array([[250, 250, 252], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]],
@@ -85,10 +86,11 @@ def retention_grid(retention: dict, rows: str = "layer", layer: int = 0, bins: i
 _RECALLED = np.array([230, 120, 20], dtype=np.uint8)  # orange: not one of the ramp's blues
 
 
-def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: int | None = None,
+def retention_svg(retention: dict, rows: str = "layer", layer: int = 0, total: int | None = None,
                   tick_labels: list[str] | None = None, width: int = 820, ticks: int = 5,
-                  recalled: list[tuple[int, int]] | None = None) -> bytes:
-    """The retention map as PNG bytes, with row labels on the left and document positions below.
+                  recalled: list[tuple[int, int]] | None = None) -> str:
+    """The retention map as inline SVG: a pixel grid (one PNG, one pixel per row and bin) stretched
+    over the plot, row labels on the left and document positions below as vector text.
 
     `recalled`: document token ranges re-read for the last answer, drawn as an orange row below."""
     seen = max(int(retention["seen"]), 1)
@@ -98,9 +100,10 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
     names = [*names, "recalled"] if recalled else names
     n = len(names)
     row_h = max(4, min(30, 210 // max(n, 1)))
-    font = _font(15 if width < 600 else 17)  # the map is scaled to its column: labels must stay legible
+    size = 15 if width < 600 else 17  # the map is scaled to its column: labels must stay legible
+    font = _font(size)  # Pillow's measure of the text, close to the browser's sans-serif
     label_w = max(int(font.getlength(name)) for name in names) if names else 40
-    left, right, top, bottom = label_w + 12, 10, 6, 22
+    left, right, top, bottom = label_w + 12, 10, 6, size + 10
     plot_w = width - left - right
     img = _colour(np.sqrt(grid))  # sqrt keeps sparse old cascades visible
     unread = int(np.ceil(bins * seen / total))
@@ -110,35 +113,40 @@ def retention_png(retention: dict, rows: str = "layer", layer: int = 0, total: i
         for a, b in recalled:
             strip[0, int(a * bins / total): max(int(a * bins / total) + 1, int(np.ceil(b * bins / total)))] = _RECALLED
         img = np.concatenate((img, strip))
-    cell = Image.fromarray(img).resize((plot_w, n * row_h), Image.NEAREST)
-    canvas = Image.new("RGB", (width, top + n * row_h + bottom), (255, 255, 255))
-    canvas.paste(cell, (left, top))
-    d = ImageDraw.Draw(canvas)
-    step = max(1, int(np.ceil(font.size * 1.2 / row_h)) if hasattr(font, "size") else int(np.ceil(14 / row_h)))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    cells = base64.b64encode(buf.getvalue()).decode()
+    y0, height = top + n * row_h, top + n * row_h + bottom
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='rmap-svg' viewBox='0 0 {width} {height}' "
+           f"width='100%' role='img' aria-label='retention map' font-family='sans-serif' font-size='{size}' "
+           f"fill='#3c3c46'>",
+           f"<image x='{left}' y='{top}' width='{plot_w}' height='{n * row_h}' preserveAspectRatio='none' "
+           f"style='image-rendering:pixelated' href='data:image/png;base64,{cells}'/>",
+           f"<rect x='{left}' y='{top}' width='{plot_w}' height='{n * row_h}' fill='none' stroke='#c8c8d2'/>"]
+    step = max(1, int(np.ceil(size * 1.2 / row_h)))
     for i, name in enumerate(names):
         if (i % step == 0 and n - 1 - i >= step) or i == n - 1:
-            d.text((left - 6, top + i * row_h + row_h / 2), name, fill=(60, 60, 70), font=font, anchor="rm")
-    y0 = top + n * row_h
-    d.rectangle([left, top, left + plot_w - 1, y0 - 1], outline=(200, 200, 210))
+            out.append(f"<text x='{left - 6}' y='{top + i * row_h + row_h / 2:.1f}' text-anchor='end' "
+                       f"dominant-baseline='middle'>{html.escape(name)}</text>")
     # each tick label gets its share of the width (ends get half): long source labels (SRT cues,
     # chapter titles) are cut with an ellipsis rather than printed over their neighbours
     room = plot_w / max(ticks - 1, 1) - 8
     for k in range(ticks):
         frac = k / (ticks - 1)
         x = left + frac * (plot_w - 1)
-        d.line([(x, y0), (x, y0 + 4)], fill=(120, 120, 130))
-        label = f"{round(frac * total):,}"
+        label = number = f"{round(frac * total):,}"
+        fits = 0.9 * (room if 0 < k < ticks - 1 else room / 2)  # 10% for the browser's font
         if tick_labels and k < len(tick_labels) and tick_labels[k]:
-            label += f" · {tick_labels[k]}"
-        label = fit_text(label, font, room if 0 < k < ticks - 1 else room / 2)
-        anchor = "la" if k == 0 else ("ra" if k == ticks - 1 else "ma")
-        d.text((x, y0 + 6), label, fill=(60, 60, 70), font=font, anchor=anchor)
+            label = fit_text(f"{number} · {tick_labels[k]}", font, fits)
+            label = label if len(label) > len(number) + 4 else number  # the position always shows
+        anchor = "start" if k == 0 else ("end" if k == ticks - 1 else "middle")
+        out.append(f"<line x1='{x:.1f}' y1='{y0}' x2='{x:.1f}' y2='{y0 + 4}' stroke='#787882'/>"
+                   f"<text x='{x:.1f}' y='{y0 + 6}' text-anchor='{anchor}' dominant-baseline='hanging'>"
+                   f"{html.escape(label)}</text>")
     if seen < total:
         x = left + plot_w * seen / total
-        d.line([(x, top), (x, y0 - 1)], fill=(214, 39, 40), width=2)
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+        out.append(f"<line x1='{x:.1f}' y1='{top}' x2='{x:.1f}' y2='{y0 - 1}' stroke='#d62728' stroke-width='2'/>")
+    return "".join(out) + "</svg>"
 
 
 def fit_text(text: str, font, width: float) -> str:
@@ -156,13 +164,13 @@ def retention_map_html(retention: dict | None, rows: str = "layer", layer: int =
     if retention is None:
         return ("<div class='rmap empty'>The map of what the cache holds appears here while a document is "
                 "read.</div>")
-    png = base64.b64encode(retention_png(retention, rows, layer, total, tick_labels, width, ticks, recalled)).decode()
     what = "layers" if rows != "cascade" else f"parts of layer {layer}"
     cap = caption or (f"x: position in the document (tokens) · y: {what} · darker = more of that stretch still "
                       "held (mean over KV heads)" + (" · grey: not read yet" if total and total > retention["seen"]
                                                      else "")
                       + (" · orange: passages re-read for the last answer" if recalled else ""))
-    return (f"<div class='rmap'><img alt='retention map' src='data:image/png;base64,{png}'/>"
+    svg = retention_svg(retention, rows, layer, total, tick_labels, width, ticks, recalled)
+    return (f"<div class='rmap'>{svg}"
             f"<div class='rmap-caption'>{html.escape(cap)}</div></div>")
 
 

@@ -66,7 +66,7 @@ def test_read_ask_cite_retention_export_snapshot(app_url, browser, tmp_path):
     facts = page.inner_text("#facts").replace(",", "")
     assert "3 pages" in facts and "320 slots" in facts and "MB" in facts and "cascade" in facts, facts
     assert "nothing truncated" in facts
-    page.wait_for_selector("#live-map img", timeout=10_000)
+    page.wait_for_selector("#live-map svg", timeout=10_000)
     shot(page, "3-read")
 
     # a streamed answer: record the chat's text length on every DOM change while it is generated
@@ -105,7 +105,7 @@ def test_read_ask_cite_retention_export_snapshot(app_url, browser, tmp_path):
     assert ".md" in page.inner_text("#export-files")
 
     page.get_by_role("tab", name="Retention").click()
-    page.wait_for_selector("#retention-map img", timeout=20_000)
+    page.wait_for_selector("#retention-map svg", timeout=20_000)
     page.wait_for_selector("#retained-text mark", timeout=20_000)
     assert "cascade 0" in page.inner_text("#occupancy")
     page.get_by_label("cascades of one layer").check()
@@ -156,7 +156,7 @@ def test_cancel_a_long_read_and_tabs_are_independent(app_url, browser):
     assert a.inner_text("#progress [data-state]") and 0 < still_reading < total  # a is not done yet
     assert a.locator("#progress [data-state=reading]").count() == 1
 
-    a.wait_for_selector("#live-map img", timeout=30_000)
+    a.wait_for_selector("#live-map svg", timeout=30_000)
     a.click("#cancel")
     t0 = time.time()
     a.wait_for_selector("#progress [data-state=cancelled]", timeout=60_000)

@@ -1,9 +1,9 @@
-"""app.views: the retention map's tick labels fit their share of the width (long SRT cue labels overlapped)."""
+"""app.views: the retention map's tick labels fit their share of the width (long SRT cue labels overlapped)
+and are vector text (they were small raster text inside a PNG)."""
 
-import io
+import xml.etree.ElementTree as ET
 
 import numpy as np
-from PIL import Image
 
 from app import views
 
@@ -20,5 +20,11 @@ def test_the_map_draws_with_long_labels_and_stays_its_width():
     positions = np.arange(2 * 3 * 40).reshape(2, 3, 40)
     retention = {"positions": positions, "seen": 240, "layers": [0, 1]}
     labels = ["00:00:01,000 --> 00:00:04,000 cue 1 opening remarks"] * 5
-    png = views.retention_png(retention, tick_labels=labels, width=400, ticks=5)
-    assert Image.open(io.BytesIO(png)).size[0] == 400
+    svg = ET.fromstring(views.retention_svg(retention, tick_labels=labels, width=400, ticks=5))
+    assert svg.get("viewBox").split()[2] == "400"
+    texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert "layer 0" in texts[0] or texts[0] == "0"  # row labels are text, not pixels
+    ticks = [t for t in texts if t and t[0].isdigit()]
+    assert len(ticks) == 5 and ticks[0] == "0" and ticks[-1] == "240"  # the position always shows
+    assert all(t.endswith("…") for t in ticks[1:-1])  # source labels cut, not printed over each other
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}image"))) == 1  # only the cells are pixels
