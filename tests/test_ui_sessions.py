@@ -4,9 +4,11 @@ section summary and in Compare saying what really happened, the retention map's 
 fixes, and the limits (busy sessions, upload size). Shares the app and browser with
 test_ui.py (tests/ui_app.py)."""
 
+import time
+
 import pytest
 
-from ui_app import MAX_BUSY, MAX_UPLOAD_MB, open_app, progress_tokens, set_number, shot
+from ui_app import MAX_BUSY, MAX_UPLOAD_MB, open_app, progress_tokens, serve_app, set_number, shot
 
 pytestmark = pytest.mark.real_model
 
@@ -202,3 +204,31 @@ def test_limits_busy_sessions_and_upload_size(app_url, browser, tmp_path):
     late.set_input_files("#upload input[type=file]", str(big))
     late.wait_for_selector(":text-matches('exceeds|too large|maximum', 'i')", timeout=20_000)
     assert late.locator("#upload [aria-label='big.txt']").count() == 0
+
+
+@pytest.fixture(scope="module")
+def idle_app_url(tmp_path_factory):
+    """A second app that frees a session after 3 idle seconds (--idle-timeout-min 0.05)."""
+    yield from serve_app(tmp_path_factory, "--idle-timeout-min", "0.05")
+
+
+def test_an_idle_session_is_freed_and_its_snapshot_stays(idle_app_url, browser):
+    a = open_app(browser, idle_app_url)
+    read_text(a, MEMO)
+    a.get_by_role("tab", name="Snapshots").click()
+    a.fill("#snap-name textarea", "idle minutes")
+    a.click("#snap-save")
+    a.wait_for_selector("#snap-status :text('Saved idle minutes')", timeout=30_000)
+    context = a.context
+    a.close()  # the person leaves; nothing touches the session any more
+    time.sleep(8)  # 3 s idle, and the freeing loop runs every second
+    back = open_app(browser, idle_app_url, settings=False, context=context)  # same person, later
+    back.wait_for_selector(":text('freed after being idle')", timeout=30_000)
+    assert back.locator("#progress [data-state=idle]").count() == 1  # the reading cache is gone...
+    assert "pasted text" not in back.inner_text("#facts")
+    back.get_by_role("tab", name="Snapshots").click()
+    pick_snapshot(back, "idle minutes")  # ...and the snapshot stayed, loadable
+    back.click("#snap-load")
+    back.wait_for_selector("#snap-status :text('Loaded idle minutes')", timeout=60_000)
+    assert "pasted text" in back.inner_text("#facts")
+    shot(back, "14-idle-freed")

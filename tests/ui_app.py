@@ -41,8 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_app(tmp_path_factory):
-    """python launch.py on a free port, with snapshots in a temporary folder."""
+def serve_app(tmp_path_factory, *extra_args: str):
+    """python launch.py on a free port, with snapshots in a temporary folder (and any extra flags)."""
     tmp = tmp_path_factory.mktemp("app")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
@@ -50,7 +50,7 @@ def serve_app(tmp_path_factory):
     log_path = tmp / "app.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--host", "127.0.0.1", "--port", str(port),
-                                 "--max-busy", str(MAX_BUSY), "--max-upload-mb", str(MAX_UPLOAD_MB)],
+                                 "--max-busy", str(MAX_BUSY), "--max-upload-mb", str(MAX_UPLOAD_MB), *extra_args],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -91,9 +91,10 @@ def set_number(page, elem_id, value):
     box.press("Tab")
 
 
-def open_app(browser, url, settings=True):
-    """A new tab (its own browser context, so its own Gradio session) with small, fast settings."""
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+def open_app(browser, url, settings=True, context=None):
+    """A new tab with small, fast settings; in its own browser context (so its own Gradio session)
+    unless `context` is given (a tab of the same person, as after closing and reopening the page)."""
+    page = (context or browser.new_context(viewport={"width": 1400, "height": 1000})).new_page()
     page.goto(url)
     page.wait_for_selector("#read", timeout=60_000)
     if settings:
