@@ -75,7 +75,7 @@ def hits(ranges, gold: list[tuple[int, int]]) -> bool:
     return any(s0 < b and a < s1 for s0, s1 in ranges for a, b in gold)
 
 
-def spans(passages) -> list[tuple[int, int]]:
+def char_ranges(passages) -> list[tuple[int, int]]:
     return [(p.char_start, p.char_end) for p in passages]
 
 
@@ -110,13 +110,14 @@ def run_books(args) -> dict:
     from . import recall as rc
 
     qa_defaults(args)
+    narrow = rc.NARROW_TOKENS if getattr(args, "recall_narrow", None) is None else args.recall_narrow
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
     out = Path(args.out)
     results = Results(out / "books.jsonl")
     settings = _settings(args, loaded, "books", prompt=prompt, new_tokens=args.new_tokens,
-                         cascades=args.cascades, recall_tokens=args.recall_tokens,
+                         cascades=args.cascades, recall_tokens=args.recall_tokens, recall_narrow=narrow,
                          attention_weight=rc.FUSION["attention"])
     if args.bible:
         groups = {"Bible": [dict(q, doc="Bible") for q in data["bible"]]}
@@ -141,7 +142,8 @@ def run_books(args) -> dict:
             if not todo:
                 continue
             session = ReadingSession(loaded, config, stride=args.stride, prompt=prompt,
-                                     answering=AnswerSettings(recall_tokens=args.recall_tokens))
+                                     answering=AnswerSettings(recall_tokens=args.recall_tokens,
+                                                              recall_narrow=narrow))
             snap = out / "snapshots" / f"{doc_name.replace(' ', '_')}-{policy}-w{args.window}-c{args.cascades}-s{args.stride}"
             try:
                 session.load(snap)
@@ -170,8 +172,9 @@ def run_books(args) -> dict:
                     for name, kw in (("bm25", dict(attention=None)), ("attention", dict(use_bm25=False))):
                         picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
                                          args.recall_tokens, tokens_of=session.recall_cost,
-                                         use_bm25=kw.get("use_bm25", True), offsets=session.source_map.offsets)
-                        row[f"hit_{name}"] = hits(spans(x.passage for x in picked), gold)
+                                         use_bm25=kw.get("use_bm25", True), offsets=session.source_map.offsets,
+                                         narrow_tokens=narrow)
+                        row[f"hit_{name}"] = hits(char_ranges(x.passage for x in picked), gold)
                 t0 = time.perf_counter()
                 "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, recall_on=r == "on"))
                 a = session.answers[-1]
@@ -182,8 +185,8 @@ def run_books(args) -> dict:
                            citations=[c.label for c in a.citations])
                 if r == "on":
                     row["hit"] = hits([(d["char_start"], d["char_end"]) for d in recalled], gold)
-                    row["cited_gold"] = hits(spans(session.index.passages[c.passage] for c in a.citations
-                                                    if c.passage is not None), gold)
+                    row["cited_gold"] = hits(char_ranges(session.index.passages[c.passage] for c in a.citations
+                                                          if c.passage is not None), gold)
                 results.add(case, row)
                 _say(f"{doc_name} {policy} recall {r} {it['id']}: {a.text[:70]!r} "
                      f"{'ok' if row['correct'] else 'miss'}" + (f" hit {row['hit']}" if r == "on" else ""))
@@ -240,7 +243,7 @@ def run_references(args, loaded, prompt, settings, results, doc_name, doc, items
             text = no_document_answer(session, it["question"], args.new_tokens)
         else:  # the passages holding the gold verses, framed as recall frames them
             gold = gold_spans(it, spans)
-            held = [p for p in passages if hits(spans([p]), gold)]
+            held = [p for p in passages if hits(char_ranges([p]), gold)]
             body = "\n\n".join(f"[{p.label}]\n{doc.text[p.char_start:p.char_end]}" for p in held)
             session.read(documents.document_from_text(body, title=f"{doc_name} oracle"))
             "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, n_citations=0))

@@ -85,6 +85,9 @@ def add_arguments(parser) -> None:
             p.add_argument("--recall", nargs="+", choices=["on", "off"], default=None,
                            help="recall settings to run (synthetic: off; books: on off)")
             p.add_argument("--recall-tokens", type=int, default=384, help="recall budget (tokens)")
+            p.add_argument("--recall-narrow", type=int, default=None,
+                           help="books: recalled passages after the best one cut to at most this many "
+                                "tokens (0 = whole; default: the engine's)")
             p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
             p.add_argument("--limit", type=int, default=None, help="books: first N questions per book")
             p.add_argument("--references", nargs="+", choices=["none", "oracle"], default=["none", "oracle"],

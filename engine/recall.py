@@ -10,10 +10,11 @@ RAM flat whatever the book's length). A question ranks passages two ways:
 - attention: how much attention the question gave the cache slots that still hold tokens of each
   passage (the model's own pointer into the book; it finds passages that share no words).
 
-Both rankings are fused by reciprocal rank (RRF, k = 60). Each chosen passage is then **narrowed**
-to its best-matching lines (at most NARROW_TOKENS, grown around the line that BM25 likes best), so
-the recall budget holds the answer's lines of three or four passages instead of two whole passages;
-the narrowed passages that fit the budget are re-read, in document order, right before the question.
+Both rankings are fused by reciprocal rank (RRF, k = 60). The best passage is re-read whole; the
+next ones are **narrowed** to their best-matching lines (at most NARROW_TOKENS, grown around the line
+that BM25 likes best), so the recall budget holds the best passage and the answer lines of two or
+three more instead of just two whole passages. They are re-read in document order, right before
+the question.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ INDEX_VERSION = 1
 TARGET_TOKENS = 160  # a passage closes at the first line break past this many tokens
 MAX_TOKENS = 300  # a longer line is cut at sentence ends, then at spaces
 RRF_K = 60
-# A recalled passage is cut to at most this many tokens around its best-matching line. Chosen offline
-# on the tuning questions (recall hit within a 384-token budget, BM25 order; docs/eval.md): whole
-# passages 66/69 books, 7/10 Bible; 160: 64/69, 8/10; 120: 65/69, 8/10; 90: 62/69, 9/10. On the
-# held-out Bible questions (bib-11..35) whole passages hit 19/25 and 120 hits 24/25.
-NARROW_TOKENS = 120
+# Recalled passages after the best one are cut to at most this many tokens around their best-matching
+# line (the best stays whole: the reader needs its context). Chosen offline on the tuning questions
+# (recall hit within the 384-token budget, BM25 order; docs/eval.md): all whole 66/69 books, 7/10
+# Bible; all cut to 120: 65/69, 8/10 (and the reader got 18/69 right vs 26/69: snippets alone mislead
+# it); best whole + others cut to 60: 66/69, 9/10. Held-out Bible questions (bib-11..35): all whole
+# 19/25, best whole + 60: 23/25.
+NARROW_TOKENS = 60
 # Weight of each signal in the fusion. Measured on Exodus (docs/eval.md): BM25 alone put the answer's
 # passage in the recall budget 16/16 times, the question's attention alone 0/16 (its top passages are
 # the book's last pages: recency); equal-weight fusion 2/8, weight 0.3 9/12, 0.1 13/16, because a
@@ -318,11 +321,11 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     # a small reader is misled by every extra passage (docs/eval.md), and attention alone rarely finds
     # the answer's passage.
     candidates = [pid for pid, _ in lexical] if lexical else list(fused)
-    best = best_lines(index, question, candidates) if offsets is not None and lexical else {}
+    best = best_lines(index, question, candidates) if offsets is not None and lexical and narrow_tokens else {}
     picked, used = [], 0
     for pid in sorted(candidates, key=lambda p: (-fused[p], p)):
         p, text = index.passages[pid], index.text(index.passages[pid])
-        if pid in best:
+        if pid in best and picked:  # the best passage stays whole: the reader needs its context
             p, text = narrow(p, text, best[pid], offsets, narrow_tokens)
         cost = tokens_of(p)
         if used + cost > budget:

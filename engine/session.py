@@ -26,6 +26,7 @@ from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
 from .prompts import DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
+from .recall import NARROW_TOKENS
 from .runtime import Engine, ReadProgress
 
 
@@ -74,6 +75,9 @@ class AnswerSettings:
 
     recall: bool = True
     recall_tokens: int = 384  # tail budget for re-read passages (measured: 384 beat 1,024, docs/eval.md)
+    # Passages after the best one are cut to their best-matching lines, at most this many tokens
+    # (0: every passage whole). recall.NARROW_TOKENS says why.
+    recall_narrow: int = NARROW_TOKENS
     conversation_tokens: int = 768  # tail budget for earlier turns of a running conversation
     question_tokens: int = 512  # longest question accepted
     repetition_penalty: float = 1.1  # transformers' RepetitionPenaltyLogitsProcessor over the answer so far
@@ -84,7 +88,7 @@ class AnswerSettings:
     recent_in_answer: int = 0  # with the memory hidden, keep this many most recent slots in view
 
     def __post_init__(self):
-        for name in ("recall_tokens", "conversation_tokens", "question_tokens"):
+        for name in ("recall_tokens", "recall_narrow", "conversation_tokens", "question_tokens"):
             if getattr(self, name) < 0 or (name == "question_tokens" and self.question_tokens < 1):
                 raise UserError(f"{name.replace('_', '-')} must be >= {1 if name == 'question_tokens' else 0}, "
                                 f"not {getattr(self, name)}")
@@ -369,7 +373,7 @@ class ReadingSession:
         attention = self.passage_attention(question, cache) if wanted else None
         return recall.rank(self.index, question, attention, self.answering.recall_tokens,
                            tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"),
-                           offsets=self.source_map.offsets)
+                           offsets=self.source_map.offsets, narrow_tokens=self.answering.recall_narrow)
 
     @staticmethod
     def recall_cost(p: recall.Passage) -> int:
