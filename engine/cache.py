@@ -26,7 +26,7 @@ POLICIES = ("cascade", "sink", "full")
 class CacheConfig:
     policy: str = "cascade"
     sinks: int = 64  # must cover the chat template's system prompt and instruction
-    window: int = 2048  # non-sink slots per layer
+    window: int = 512  # non-sink slots per layer (was 2048; docs/speed.md: 1.5x faster reads, same recall answers)
     cascades: int | str = 4  # or "auto": the fewest whose span covers the document (see `resolve`)
     beta: float = 0.9999  # EMA factor of attention scores, per query
     head_reduce: str = "max"  # how the query heads of a GQA group combine into one KV-head score

@@ -6,6 +6,7 @@ aten ops' own time is summed per label, so a label's wall time minus its ops' ti
 dispatch overhead. Writes JSON, a Markdown table and a bar plot.
 
     python scripts/profile_read.py --window 512 --tokens 8192 --chunks 4 --out results/profile
+    python scripts/profile_read.py --plot docs/speed_profile.png LABEL=results/profile/x.json ...
 """
 
 from __future__ import annotations
@@ -50,7 +51,32 @@ def instrument() -> None:
     attention.reduce_heads = labelled("score_sums", attention.reduce_heads)
 
 
+def plot(path: str, named: list[str]) -> None:
+    """Stacked bars, ms per chunk by part, one bar per LABEL=profile.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(n.split("=", 1)[0], json.loads(Path(n.split("=", 1)[1]).read_text())) for n in named]
+    parts = ["model (rest of forward)", "attention", "push", "rope", "plan", "rope_tables", "commit"]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(runs) + 1.6))
+    left = [0.0] * len(runs)
+    for part in parts:
+        ms = [next((r["ms_per_chunk"] for r in run["rows"] if r["part"] == part), 0.0) for _, run in runs]
+        ax.barh(range(len(runs)), ms, left=left, label=part)
+        left = [a + b for a, b in zip(left, ms)]
+    ax.set_yticks(range(len(runs)), [name for name, _ in runs])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per 512-token chunk (torch.profiler)")
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.1 / len(runs)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--plot":
+        return plot(sys.argv[2], sys.argv[3:])
     p = argparse.ArgumentParser()
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--cascades", default="auto")
