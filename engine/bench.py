@@ -41,6 +41,56 @@ def bench_tokens(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def kjv_document(tokenizer, n: int):
+    """The KJV from Genesis 1:1 as one plain-text document with "# Book chapter" headings (recall's
+    passage labels), cut at a chapter boundary near n tokens (the whole Bible is ~1.07M)."""
+    from .corpus import kjv_verses
+    from .documents import document_from_text
+
+    sample = "".join(f"{v.verse} {v.text}\n" for v in kjv_verses()[:3000])
+    chars_per_token = len(sample) / len(tokenizer(sample, add_special_tokens=False).input_ids)
+    parts, size, last = [], 0, None
+    for v in kjv_verses():
+        if (v.book, v.chapter) != last:
+            if size >= n * chars_per_token:
+                break
+            parts.append(f"\n# {v.book} {v.chapter}\n")
+            last = (v.book, v.chapter)
+        parts.append(f"{v.verse} {v.text}\n")
+        size += len(parts[-1])
+    return document_from_text("".join(parts).lstrip(), title="KJV")
+
+
+def read_and_ask(loaded, config: CacheConfig, args: dict) -> dict:
+    """Read the KJV as a user's document (read + passages + index), then answer one question with recall."""
+    from .session import ReadingSession
+
+    doc = kjv_document(loaded.tokenizer, args["length"])
+    session = ReadingSession(loaded, config, stride=args["stride"])
+    proc = psutil.Process()
+    trace: list[tuple[int, float, float]] = []  # (tokens read, seconds, RSS MB) after every chunk
+    start = time.perf_counter()
+    read = session.read(doc, progress=lambda p: trace.append((p.tokens_read, p.seconds, proc.memory_info().rss / 2 ** 20)))
+    seconds = time.perf_counter() - start  # reading + cutting the passages + the index
+    answer = "".join(session.ask(args["question"], max_new_tokens=48))
+    a = session.answers[-1]
+    q = len(trace) // 4
+
+    def rate(i, j):
+        return (trace[j][0] - trace[i][0]) / (trace[j][1] - trace[i][1])
+
+    return {
+        "doc_tokens": read.doc_tokens, "seconds": seconds, "read_seconds": read.seconds,
+        "index_seconds": seconds - read.seconds, "tokens_per_second": read.doc_tokens / read.seconds,
+        "first_quarter_tps": rate(0, q), "last_quarter_tps": rate(len(trace) - 1 - q, len(trace) - 1),
+        "rss_mb_at_quarters": [round(trace[i][2], 1) for i in (q, 2 * q, 3 * q, len(trace) - 1)],
+        "peak_rss_mb": read.peak_rss_mb, "cascades": session.config.cascades,
+        "passages": len(session.index.passages), "index_mb": session.index.nbytes_on_disk() / 2 ** 20,
+        "question": args["question"], "answer": answer, "first_token_seconds": a.first_token_seconds,
+        "recalled": [d["label"] for d in a.recalled],
+    }
+
+
 def _skip_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The model ceiling: no attention at all (output zeros of the right shape)."""
     return torch.zeros_like(query).transpose(1, 2), None
@@ -66,6 +116,10 @@ def worker(args: dict) -> dict:
     policy = args["policy"]
     config = CacheConfig(policy="sink" if policy == "ceiling" else policy, sinks=args["sinks"],
                          window=args["window"], cascades=args["cascades"]).resolve(args["length"])
+    if args.get("question") and policy != "ceiling":
+        row = read_and_ask(loaded, config, args)
+        return {"policy": policy, "dtype": args["dtype"], "length": row["doc_tokens"], **row,
+                "cache_slots": config.slots, "threads": torch.get_num_threads(), "device": str(device)}
     engine = Engine(loaded, config, stride=args["stride"])
     if policy == "ceiling":
         AttentionInterface.register("skip", _skip_attention)
@@ -119,15 +173,26 @@ def run_read_bench(args) -> dict:
             for policy in policies:
                 if policy == "full" and length > args.full_max:
                     continue
-                job = {"model": args.model, "device": args.device, "dtype": dtype, "policy": policy, "length": length,
-                       "sinks": args.sinks, "window": args.window, "cascades": args.cascades, "stride": args.stride,
-                       "threads": getattr(args, "threads", "auto")}
+                # the ceiling has no attention, so its speed cannot depend on the length: past ceiling_max
+                # tokens it is measured at ceiling_max (a 1M-token ceiling would add ~6 minutes here)
+                run_length = min(length, getattr(args, "ceiling_max", 65536)) if policy == "ceiling" else length
+                job = {"model": args.model, "device": args.device, "dtype": dtype, "policy": policy,
+                       "length": run_length, "sinks": args.sinks, "window": args.window, "cascades": args.cascades,
+                       "stride": args.stride, "threads": getattr(args, "threads", "auto"),
+                       "question": getattr(args, "question", None)}
                 print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
                 # The worker inherits OMP_WAIT_POLICY: PASSIVE rescues an oversubscribed CPU but costs
                 # ~1.6x on a quiet one (measured here: 690 vs 1103 tok/s), so it is the caller's choice.
                 row = run_worker("engine.bench", job, f"the {policy} run at {length} tokens")
+                row["requested_length"] = length
+                ceiling = next((r for r in rows if r["policy"] == "ceiling" and r["dtype"] == dtype
+                                and r["requested_length"] == length), None)
+                if ceiling is not None:  # measured in this run, just before
+                    row["over_ceiling"] = row["tokens_per_second"] / ceiling["tokens_per_second"]
                 rows.append(row)
-                print(f"  {row['tokens_per_second']:.0f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr)
+                print(f"  {row['tokens_per_second']:.0f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB"
+                      + (f", {row['over_ceiling']:.2f} of the ceiling" if "over_ceiling" in row else "")
+                      + (f"; answer: {row['answer']!r}" if "answer" in row else ""), file=sys.stderr)
                 if getattr(args, "busy", False) and policy != "ceiling":
                     with background_load() as n:
                         busy = run_worker("engine.bench", job, f"the busy {policy} run at {length} tokens")
@@ -176,7 +241,7 @@ def summarize(rows: list[dict]) -> dict:
     """The issue's targets, computed from the rows."""
     out = {}
     for dtype in sorted({r["dtype"] for r in rows}):
-        by = {(r["policy"], r["length"]): r for r in rows if r["dtype"] == dtype}
+        by = {(r["policy"], r.get("requested_length", r["length"])): r for r in rows if r["dtype"] == dtype}
         s = {}
         lengths = sorted({l for p, l in by if p == "cascade"})
         if lengths:

@@ -26,7 +26,7 @@ POLICIES = ("cascade", "sink", "full")
 class CacheConfig:
     policy: str = "cascade"
     sinks: int = 64  # must cover the chat template's system prompt and instruction
-    window: int = 2048  # non-sink slots per layer
+    window: int = 512  # non-sink slots per layer (was 2048; docs/speed.md: 1.5x faster reads, same recall answers)
     cascades: int | str = 4  # or "auto": the fewest whose span covers the document (see `resolve`)
     beta: float = 0.9999  # EMA factor of attention scores, per query
     head_reduce: str = "max"  # how the query heads of a GQA group combine into one KV-head score
@@ -102,9 +102,13 @@ class Tokens:
 
     def take(self, index: torch.Tensor) -> "Tokens":
         """Pick tokens by a per-head index. index: [batch, kv_heads, m]"""
-        kv_index = index.unsqueeze(-1).expand(*index.shape, self.keys.shape[-1])
-        return Tokens(self.keys.gather(2, kv_index), self.values.gather(2, kv_index),
-                      self.score.gather(2, index), self.pos.gather(2, index))
+        b, h, n, d = self.keys.shape
+        # rows of the flattened [batch * kv_heads * n, head_dim] keys: index_select copies whole rows,
+        # 5x faster on CPU than gather with an index expanded over head_dim (measured)
+        rows = (index + n * torch.arange(b * h, device=index.device).view(b, h, 1)).reshape(-1)
+        def pick(t):
+            return t.reshape(b * h * n, d).index_select(0, rows).view(b, h, -1, d)
+        return Tokens(pick(self.keys), pick(self.values), self.score.gather(2, index), self.pos.gather(2, index))
 
     def select(self, index: torch.Tensor) -> "Tokens":
         """Pick tokens by an index shared by all heads. index: [m]"""
@@ -310,6 +314,27 @@ class CascadeCache(KVCache):
         offers = incoming.select(torch.arange(k, L, device=keys.device))
         for lv in plan.levels:
             offers = self._push_level(layer, lv, offers)
+
+    def layers_as_batch(self) -> "CascadeCache":
+        """All layers as the batch rows of one layer: a copy of the storage, to push every layer at once.
+
+        The plan is the same for every layer, so one push over [layers * batch] rows does the work of
+        `n_layers` pushes with 1/n_layers of the Python and dispatch overhead (at 16 cascades that
+        overhead was ~135 ms per 512-token chunk, more than the push's own arithmetic). Copy the
+        result back with `take_layers`.
+        """
+        stacked = type(self).__new__(type(self))
+        stacked.__dict__.update(self.__dict__)
+        stacked.n_layers, stacked.batch = 1, self.n_layers * self.batch
+        for name in ("keys", "values", "score", "pos"):  # [layers * batch, kv_heads, slots, ...]
+            setattr(stacked, name, [torch.cat(getattr(self, name))])
+        return stacked
+
+    def take_layers(self, stacked: "CascadeCache") -> None:
+        """Copy a `layers_as_batch` cache's storage back into this cache's layers."""
+        for name in ("keys", "values", "score", "pos"):
+            for mine, theirs in zip(getattr(self, name), getattr(stacked, name)[0].split(self.batch)):
+                mine.copy_(theirs)
 
     def _push_level(self, layer: int, lv: LevelPlan, offers: Tokens) -> Tokens:
         """Resolve contests, ring-write accepted winners, return evicted tokens (oldest first)."""

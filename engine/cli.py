@@ -293,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
     b.add_argument("--policies", nargs="+", default=["cascade", "sink", "full"])
     b.add_argument("--full-max", type=int, default=32768, help="longest length to run full attention at")
+    b.add_argument("--ceiling-max", type=int, default=65536,
+                   help="the ceiling (attention skipped) runs at most this many tokens: its speed does not depend on length")
+    b.add_argument("--question", default=None,
+                   help="read the KJV as a document (reading + passages + index) and answer this question with "
+                        "recall after each non-ceiling read")
     b.add_argument("--kernels", action="store_true", help="time the attention kernels instead (GPU benchmark)")
     b.add_argument("--sizes", type=int, nargs="+", default=None, help="prompt sizes for --kernels")
     b.add_argument("--busy", action="store_true",

@@ -10,7 +10,7 @@ Engine state travels to it as keyword arguments of `model(...)`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from . import kernels, threads
 from .architectures import check_architecture, check_positions
 from .attention import mask_bias, query_weights, window_bias
-from .cache import CacheConfig, ChunkPlan, KVCache, make_cache
+from .cache import CacheConfig, CascadeCache, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
 from .models import LoadedModel
 from .worker import turn
@@ -78,6 +78,8 @@ class PartStep:
     bias: torch.Tensor | None = None  # additive mask over slots, built by the part's first layer
     rope: "RopeTable | None" = None  # set for rope="original": cache keys rotate at their stream positions
     window_bias: torch.Tensor | None = None  # [L, slots + L] for sliding-window parts
+    # (keys, values, cache_score, chunk_score) per layer, pushed after the forward (see push_pending)
+    pending: dict[int, tuple] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,8 +117,34 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         *attend[:3], part.plan.cache_valid, *attend[3:], scaling or module.scaling,
         weights=part.weights, head_reduce=part.cache.config.head_reduce, bias=part.bias,
         window_bias=part.window_bias)
-    kernels.cascade_push(part.cache, layer, part.plan, key, value, cache_score, chunk_score)
+    if isinstance(part.cache, CascadeCache):  # pushed with the other layers after the forward
+        part.pending[layer] = (key, value, cache_score, chunk_score)
+    else:
+        kernels.cascade_push(part.cache, layer, part.plan, key, value, cache_score, chunk_score)
     return out.to(query.dtype).transpose(1, 2), None
+
+
+def push_pending(part: PartStep) -> None:
+    """Push every layer's chunk into a cascade cache at once, its layers as batch rows.
+
+    A layer's push only changes that layer's slots, which its attention has already read, so the
+    pushes can wait until the forward is done; together they cost one push's overhead instead of
+    one per layer (the plan is the same for all of them).
+    """
+    if not part.pending:
+        return
+    if len(part.pending) != part.cache.n_layers:
+        raise RuntimeError(f"{len(part.pending)} of {part.cache.n_layers} layers attended in this forward")
+    rows = [part.pending[layer] for layer in range(part.cache.n_layers)]
+
+    def stacked(i):  # [layers * batch, kv_heads, ...] or None where a layer has no scores
+        items = [r[i] for r in rows]
+        return None if items[0] is None else torch.cat(items)
+
+    batch = part.cache.layers_as_batch()
+    kernels.cascade_push(batch, 0, part.plan, *(stacked(i) for i in range(4)))
+    part.cache.take_layers(batch)
+    part.pending.clear()
 
 
 def _register() -> None:
@@ -198,6 +226,7 @@ class Engine:
         out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
                                use_cache=False, cascade_step=step)
         for name, part in cache.parts.items():
+            push_pending(parts[name])
             part.commit(parts[name].plan)
         hidden = out.last_hidden_state  # [1, L, hidden]
         if logits == "none":

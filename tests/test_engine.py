@@ -73,9 +73,10 @@ def brute_force_scores(q, k_all, valid_all, scaling, beta, group):
 
 
 @pytest.mark.parametrize("group", [1, 3, 4])
-def test_scores_equal_brute_force_column_sums(group):
+@pytest.mark.parametrize("L", [9, 150])  # one query block, and several (the chunk's later keys skipped per block)
+def test_scores_equal_brute_force_column_sums(group, L):
     torch.manual_seed(group)
-    b, kv, slots, L, d = 2, 2, 13, 9, 8
+    b, kv, slots, d = 2, 2, 13, 8
     q = torch.randn(b, kv * group, L, d)
     kc, vc = torch.randn(b, kv, slots, d), torch.randn(b, kv, slots, d)
     kn, vn = torch.randn(b, kv, L, d), torch.randn(b, kv, L, d)
@@ -88,6 +89,47 @@ def test_scores_equal_brute_force_column_sums(group):
     assert torch.all(cs[..., ~valid] == 0)
     ref_out, _, _ = chunk_attention(q, kc, vc, valid, kn, vn, 0.3)  # the sdpa path
     assert torch.allclose(out, ref_out, atol=1e-5)
+
+
+def test_bfloat16_attention_stays_close_to_float32():
+    """bfloat16 inputs keep logits, probabilities and block score sums in bfloat16 (engine.attention):
+    the output and the score sums stay within bfloat16's own error of the float32 computation."""
+    torch.manual_seed(0)
+    kv, group, slots, L, d = 3, 3, 200, 150, 64
+    args = [torch.randn(1, kv * group, L, d), torch.randn(1, kv, slots, d), torch.randn(1, kv, slots, d),
+            torch.rand(slots) > 0.2, torch.randn(1, kv, L, d), torch.randn(1, kv, L, d)]
+    low = [a.bfloat16() if a.is_floating_point() else a for a in args]
+    high = [a.float() if a.is_floating_point() else a for a in low]  # the same rounded inputs in float32
+    w = query_weights(L, 0.9999)
+    got = chunk_attention(*low[:4], *low[4:], 0.125, weights=w)
+    want = chunk_attention(*high[:4], *high[4:], 0.125, weights=w)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert (got[0].float() - want[0]).abs().max() < 0.02 * want[0].abs().max()
+    for g, ref in zip(got[1:], want[1:]):
+        assert (g - ref).abs().max() < 0.01 * ref.abs().max()
+        assert torch.equal(g == 0, ref == 0)  # masked slots get exactly nothing
+
+
+def test_pushing_all_layers_at_once_equals_one_push_per_layer(tiny_llama):
+    """runtime pushes every layer in one push, the layers as batch rows: same cache as layer by layer."""
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=32, cascades=4), stride=16)
+    _, cache = read_logits(engine, list(range(1, 200)), 16)  # filled and evicting
+    per_layer, g = cache.clone(), torch.Generator().manual_seed(5)
+    for chunk in range(3):
+        plan = cache.plan(16)
+        shape = (cache.batch, cache.kv_heads, 16, cache.head_dim)
+        rows = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g),
+                 torch.rand(cache.batch, cache.kv_heads, cache.config.sinks + cache.config.window, generator=g),
+                 torch.rand(cache.batch, cache.kv_heads, 16, generator=g)) for _ in range(cache.n_layers)]
+        for layer, row in enumerate(rows):
+            per_layer.push(layer, plan, *row)
+        stacked = cache.layers_as_batch()
+        stacked.push(0, plan, *(torch.cat(parts) for parts in zip(*rows)))
+        cache.take_layers(stacked)
+        cache.commit(plan)
+        per_layer.commit(plan)
+        for name, a in cache.state().items():
+            assert torch.equal(a, per_layer.state()[name]), (chunk, name)
 
 
 def test_rope_at_cache_positions_matches_model_rotation(tiny_llama):
