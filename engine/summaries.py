@@ -82,7 +82,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
                                        answer, max_new_tokens, 0.0, 1.0, should_stop, 0, 0):
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
         event = {"type": "section", "index": k, "label": label, "start_char": a, "end_char": b,
-                 "summary": answer.text}
+                 "summary": answer.text, "cut": answer.cut}
         sections.append(event)
         yield event
 
