@@ -11,8 +11,15 @@ from dataclasses import dataclass
 DOC_INTRO = "Read the following document. Afterwards, answer questions about it.\n\n<document>\n"
 DOC_OUTRO = "\n</document>\n\n"
 SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering its main points."
-SECTION_QUESTION = "Summarize the part of the document you just read in two or three sentences."
-FINAL_SUMMARY_QUESTION = "These are summaries of consecutive sections of one document. Write one summary of the whole document."
+# with the book's central passages re-read before it (ReadingSession.summarize)
+CENTRAL_SUMMARY_QUESTION = ("Summarize the whole document in a few sentences, from its beginning to its end. "
+                            "Use only the names and events it gives.")
+# {label}: the section's label ("Chapter 3", "p. 4-6"); asks for what the text says, not what the model knows
+SECTION_QUESTION = ("What happens in {label}, the part of the document you just read? Answer in two or three "
+                    "sentences, using only the names and events it gives.")
+FINAL_SUMMARY_QUESTION = ("These are summaries of the consecutive sections of {title}, in order. Write one "
+                          "summary of the whole document in a few sentences, in the same order, using only the "
+                          "names and events they give.")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .devices import peak_memory_mb
 from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
-from .prompts import DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
+from .prompts import CENTRAL_SUMMARY_QUESTION, DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
 from .runtime import Engine, ReadProgress
 
 
@@ -249,8 +249,11 @@ class ReadingSession:
 
     def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
-            seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None) -> Iterator[str]:
+            seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
+            passages: list[recall.Recalled] | None = None) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
+
+        `passages`: re-read these instead of the ones recall would choose for the question (summaries).
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -268,7 +271,10 @@ class ReadingSession:
         turns = self._kept_turns(answer) if continue_conversation else []
         use_recall = settings.recall if recall_on is None else recall_on
         recalled: list[recall.Recalled] = []
-        if not use_recall:
+        if passages is not None:
+            recalled = passages
+            answer.recalled = [r.to_dict() for r in recalled]
+        elif not use_recall:
             answer.recall_note = "recall is off"
         elif self.index is None:
             answer.recall_note = self.index_note or "no passage index"
@@ -472,11 +478,20 @@ class ReadingSession:
     def summarize(self, max_new_tokens: int = 300, should_stop=None, temperature: float = 0.0) -> Iterator[str]:
         """Whole-document summary from the cache after reading (the paper's setting).
 
-        Recall stays off: the words of a summary request match arbitrary passages, and recalled
-        passages would hide the memory that a summary needs (choosing a book's central passages for a
-        summary is the summaries issue's work)."""
-        yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
-                            should_stop=should_stop, recall_on=False)
+        With recall on, the book's central passages, spread over the whole book (`recall.central`),
+        are re-read before the request, within the recall and conversation budgets (a summary has no
+        conversation), so memory stays flat. Without them the cache alone holds mostly the book's
+        end, and a summary of a long book covered only its last chapters (issue 14)."""
+        self._require_read()
+        settings = self.answering
+        if not settings.recall or self.index is None:
+            yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
+                                should_stop=should_stop, recall_on=False)
+            return
+        passages = recall.central(self.index, self.source_map.text,
+                                  settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
+        yield from self.ask(CENTRAL_SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
+                            should_stop=should_stop, passages=passages)
 
     # ---------------------------------------------------------------- retention view
     def retention(self, layer: int | None = None) -> dict:
