@@ -23,7 +23,7 @@ import torch
 from . import documents
 from .errors import UserError
 from .memory import freeze
-from .prompts import FINAL_SUMMARY_QUESTION, SECTION_QUESTION
+from .prompts import FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
 from .runtime import ReadProgress
 from .session import Answer, ReadingSession, ReadResult
@@ -156,7 +156,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         answer = Answer(question)
         start = time.perf_counter()
         memory = freeze(cache, max_new_tokens + 128, memory)
-        for delta in session._generate(memory, session._ids(session.format.question_text(question)),
+        prompt = session.format.request_text(question, SECTION_LEAD.format(label=label))
+        for delta in session._generate(memory, session._ids(prompt),
                                        answer, max_new_tokens, 0.0, 1.0, should_stop, 0, 0):
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
         if answer.stopped:
@@ -196,7 +197,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
     # final: the labelled section summaries, read as a short document of their own
     joined = "\n\n".join(f"[{s['label']}] {s['summary']}" for s in sections)
     question = FINAL_SUMMARY_QUESTION.format(title=document.title)
-    ids = session._ids(session.format.prefix + joined) + session._ids(session.format.question_text(question))
+    ids = session._ids(session.format.prefix + joined) + session._ids(
+        session.format.request_text(question, FINAL_SUMMARY_LEAD.format(title=document.title)))
     answer = Answer(question)
     session.answers.append(answer)
     with torch.inference_mode():
