@@ -22,7 +22,7 @@ import torch
 
 from . import documents
 from .errors import UserError
-from .memory import freeze
+from .memory import freeze, memory_of
 from .prompts import FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
 from .runtime import ReadProgress
@@ -104,7 +104,8 @@ class Eta:
 def summarize_sections(session: ReadingSession, document: documents.Document | None = None,
                        max_sections: int = MAX_SECTIONS, max_new_tokens: int = SECTION_TOKENS,
                        final_tokens: int = 300, should_stop: Callable[[], bool] | None = None,
-                       progress: Callable[[ReadProgress], None] | None = None) -> Iterator[dict]:
+                       progress: Callable[[ReadProgress], None] | None = None,
+                       focus: bool = True) -> Iterator[dict]:
     """Events, in order:
     - {"type": "plan", "sections": [{"index", "label", "start_char", "end_char", "source"}]};
     - per section: {"type": "status", "index", "of", "label", "phase": "reading"|"summarizing",
@@ -112,7 +113,11 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
       "label", "start_char", "end_char", "source", "summary", "cut", "seconds"};
     - {"type": "status", "phase": "final", ...}, {"type": "delta", "text"} ..., {"type": "done",
       "summary", "sections"};
-    or, once should_stop() says so, {"type": "stopped", "sections": the finished ones} and nothing
+    With `focus`, a section summary sees only the most recent slots, as many as the section has
+    tokens (the newest cascade holds the latest tokens, so these are mostly the section's), and not
+    the sketch of earlier sections that the cascades keep: measured, summaries otherwise named people
+    of earlier chapters (docs/eval.md).
+    Or, once should_stop() says so, {"type": "stopped", "sections": the finished ones} and nothing
     more (the session keeps the document it had). Done, the session holds the document as read."""
     document = document or session.document
     if document is None:
@@ -142,6 +147,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
 
     def flush(k: int):
         nonlocal memory
+        section_tokens = len(buffer)
         if buffer:
             start = time.perf_counter()
             engine.read([buffer], cache, should_stop=should_stop)
@@ -156,6 +162,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         answer = Answer(question)
         start = time.perf_counter()
         memory = freeze(cache, max_new_tokens + 128, memory)
+        if focus:  # the section's own slots only (and the sinks): earlier sections stay out of its summary
+            memory_of(memory).hide_document(session.config.sinks, recent=max(section_tokens, 1))
         prompt = session.format.request_text(question, SECTION_LEAD.format(label=label))
         for delta in session._generate(memory, session._ids(prompt),
                                        answer, max_new_tokens, 0.0, 1.0, should_stop, 0, 0):
