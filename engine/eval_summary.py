@@ -78,10 +78,20 @@ def entities(summary: str) -> list[str]:
     return [w for w in names if w.lower() not in COMMON and len(w) > 1] + _NUM.findall(summary)
 
 
-def grounding(summary: str, source: str) -> tuple[int, int]:
-    """(entities found in source, entities): whole words, case-insensitive."""
+DEMONYM = ("ites", "ite", "ians", "ian", "ish", "s")  # Israelites, Egyptian, Jewish: of Israel, Egypt, Jew
+
+
+def grounded(entity: str, source: str) -> bool:
+    """Whether the source has the entity, or the name it is formed from ("Israelites": "Israel";
+    the KJV says "children of Israel" and never "Israelites")."""
+    forms = [entity] + [entity[:-len(s)] for s in DEMONYM if entity.endswith(s) and len(entity) - len(s) >= 3]
+    return any(_mentions(source, f) for f in forms)
+
+
+def grounding(summary: str, source: str, title: str = "") -> tuple[int, int]:
+    """(entities found in the source or the document's title, entities): whole words, case-insensitive."""
     ents = entities(summary)
-    return sum(_mentions(source, e) for e in ents), len(ents)
+    return sum(grounded(e, title + "\n" + source) for e in ents), len(ents)
 
 
 def coverage(summary: str, names: list[str]) -> tuple[int, int]:
@@ -162,12 +172,12 @@ def thirds(summary: str, document_text: str) -> list[bool | None]:
     return [any(_mentions(summary, w) for w in names) if names else None for names in third_names(document_text)]
 
 
-def score_row(row: dict, document_text: str) -> dict:
+def score_row(row: dict, document_text: str, title: str = "") -> dict:
     """All metrics of one summarized document, from its stored texts."""
     book_names = proper_names(document_text)
     final = row["summary"]
     top10 = [w for w, _ in book_names.most_common(TOP_BOOK)]
-    g_doc = grounding(final, document_text)
+    g_doc = grounding(final, document_text, title)
     out = {"final_grounded": g_doc, "final_coverage": coverage(final, top10),
            "order": order_correlation(final, document_text, list(book_names)),
            "thirds": thirds(final, document_text), "final_repetition": repetition(final),
@@ -175,8 +185,8 @@ def score_row(row: dict, document_text: str) -> dict:
     for s in row.get("sections", []):
         source = document_text[s["start_char"]:s["end_char"]]
         top = [w for w, _ in proper_names(source, document_text).most_common(TOP_SECTION)]
-        out["sections"].append({"label": s["label"], "grounded_section": grounding(s["summary"], source),
-                                "grounded_document": grounding(s["summary"], document_text),
+        out["sections"].append({"label": s["label"], "grounded_section": grounding(s["summary"], source, title),
+                                "grounded_document": grounding(s["summary"], document_text, title),
                                 "coverage": coverage(s["summary"], top), "repetition": repetition(s["summary"]),
                                 "cut": bool(s.get("cut"))})
     return out
@@ -284,7 +294,7 @@ def report(rows: list[dict], out: Path, model_id: str) -> dict:
         c = r["case"]
         if c["doc"] not in texts:
             texts[c["doc"]] = load_doc(c["doc"]).text
-        m = score_row(r, texts[c["doc"]])
+        m = score_row(r, texts[c["doc"]], c["doc"])
         for doc in (c["doc"], "all"):
             cells.setdefault((c["variant"], c["model"], c["mode"], doc), []).append((r, m))
     table = []

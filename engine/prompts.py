@@ -15,14 +15,13 @@ SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering it
 CENTRAL_SUMMARY_QUESTION = ("Summarize the whole document in a few sentences, from its beginning to its end. "
                             "Use only the names and events it gives.")
 # {label}: the section's label ("Chapter 3", "p. 4-6"); asks for what the text says, not what the model knows
-SECTION_QUESTION = ("What happens in {label}, the part of the document you just read? Answer in two or three "
-                    "sentences, using only the names and events it gives.")
+SECTION_QUESTION = "Summarize {label} in two or three sentences: who does what. Use only the names it gives."
 # a base model (plain format) continues text rather than following requests: it gets the start of the summary
 SECTION_LEAD = "In two or three sentences, using only its own names and events, {label} tells how"
 FINAL_SUMMARY_LEAD = "In a few sentences, and in the order of these sections, {title} tells how"
 FINAL_SUMMARY_QUESTION = ("These are summaries of the consecutive sections of {title}, in order. Write one "
-                          "summary of the whole document in a few sentences, in the same order, using only the "
-                          "names and events they give.")
+                          "summary of the whole document in a few sentences, in the same order, naming its main "
+                          "people and places. Use only the names and events given above.")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import numpy as np
 from engine import documents, recall
 from engine.eval_summary import (coverage, entities, grounding, load_doc, order_correlation, proper_names,
                                  repetition, score_row, third_names, thirds)
-from engine.summaries import Eta, section_bounds
+from engine.summaries import Eta, section_bounds, whole_sentences
 
 
 def test_chapters_are_found_in_plain_text_in_every_heading_style():
@@ -72,6 +72,9 @@ def test_grounding_counts_names_and_numbers_missing_from_the_source():
     assert grounding(s, RUTH) == (5, 8)
     chapter1 = RUTH[:RUTH.index("Chapter 2")]
     assert grounding("Boaz met Ruth.", chapter1) == (1, 2)  # Boaz is in the book, not in chapter 1
+    # a name formed from one in the source, and the document's title, are grounded
+    assert grounding("The Moabites of Moab and the Israelites; the book of Ruth.", "Moab and Israel") == (3, 4)
+    assert grounding("The book of Ruth.", "Moab", title="Ruth") == (1, 1)
 
 
 def test_proper_names_skip_words_capitalised_only_where_a_verse_starts():
@@ -111,3 +114,8 @@ def test_score_row_attributes_section_summaries_to_their_sections():
     assert [s["grounded_section"] for s in m["sections"]] == [(3, 3), (2, 3)]
     assert m["sections"][0]["coverage"] == (2, 3) and m["sections"][1]["cut"]  # chapter 1's top 3: Naomi, LORD, Moab
     assert m["final_grounded"] == (3, 3) and m["final_coverage"][1] == 10
+
+
+def test_a_cut_summary_loses_its_unfinished_sentence():
+    assert whole_sentences('Naomi went home. Ruth said "no." Boaz then') == 'Naomi went home. Ruth said "no."'
+    assert whole_sentences("no sentence ends here") == "no sentence ends here"
