@@ -250,10 +250,11 @@ class ReadingSession:
     def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
-            passages: list[recall.Recalled] | None = None) -> Iterator[str]:
+            passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
-        `passages`: re-read these instead of the ones recall would choose for the question (summaries).
+        `passages`: re-read these instead of the ones recall would choose for the question (summaries);
+        `keep_memory`: keep the cascade memory in view beside recalled passages (default: the setting).
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -287,7 +288,7 @@ class ReadingSession:
         self._check_full_positions(self.doc_cache.n_valid + len(ids) + max_new_tokens,
                                    "the document, question and answer")
         cache_memory = memory_of(cache)
-        if recalled and not settings.memory_in_answer:
+        if recalled and not (settings.memory_in_answer if keep_memory is None else keep_memory):
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
@@ -481,7 +482,9 @@ class ReadingSession:
         With recall on, the book's central passages, spread over the whole book (`recall.central`),
         are re-read before the request, within the recall and conversation budgets (a summary has no
         conversation), so memory stays flat. Without them the cache alone holds mostly the book's
-        end, and a summary of a long book covered only its last chapters (issue 14)."""
+        end, and a summary of a long book covered only its last chapters (issue 14). The cascade
+        memory stays in view beside them: measured, the passages alone gave vaguer summaries
+        (docs/eval.md)."""
         self._require_read()
         settings = self.answering
         if not settings.recall or self.index is None:
@@ -491,7 +494,7 @@ class ReadingSession:
         passages = recall.central(self.index, self.source_map.text,
                                   settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
         yield from self.ask(CENTRAL_SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
-                            should_stop=should_stop, passages=passages)
+                            should_stop=should_stop, passages=passages, keep_memory=True)
 
     # ---------------------------------------------------------------- retention view
     def retention(self, layer: int | None = None) -> dict:

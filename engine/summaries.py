@@ -24,7 +24,7 @@ import torch
 from . import documents
 from .errors import UserError
 from .memory import freeze, memory_of
-from .prompts import FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
+from .prompts import DOC_OUTRO, FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
 from .runtime import ReadProgress
 from .session import Answer, ReadingSession, ReadResult
@@ -223,4 +223,5 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
     if answer.stopped:
         yield {"type": "stopped", "sections": sections}
         return
+    answer.text = answer.text.replace(DOC_OUTRO.strip(), "").strip()  # a small model may echo the closing tag
     yield {"type": "done", "summary": answer.text, "sections": sections, "seconds": time.perf_counter() - t0}
