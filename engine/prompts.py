@@ -11,9 +11,6 @@ from dataclasses import dataclass
 DOC_INTRO = "Read the following document. Afterwards, answer questions about it.\n\n<document>\n"
 DOC_OUTRO = "\n</document>\n\n"
 SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering its main points."
-# with the book's central passages re-read before it (ReadingSession.summarize)
-CENTRAL_SUMMARY_QUESTION = ("Summarize the whole document in a few sentences, from its beginning to its end. "
-                            "Use only the names and events it gives.")
 # {label}: the section's label ("Chapter 3", "p. 4-6"); asks for what the text says, not what the model knows
 SECTION_QUESTION = "Summarize {label} in two or three sentences: who does what. Use only the names it gives."
 # a base model (plain format) continues text rather than following requests: it gets the start of the summary

@@ -25,7 +25,7 @@ from .devices import peak_memory_mb
 from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
-from .prompts import CENTRAL_SUMMARY_QUESTION, DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
+from .prompts import DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
 from .runtime import Engine, ReadProgress
 
 
@@ -483,8 +483,9 @@ class ReadingSession:
         are re-read before the request, within the recall and conversation budgets (a summary has no
         conversation), so memory stays flat. Without them the cache alone holds mostly the book's
         end, and a summary of a long book covered only its last chapters (issue 14). The cascade
-        memory stays in view beside them: measured, the passages alone gave vaguer summaries
-        (docs/eval.md)."""
+        memory stays in view beside them, and the request is the plain one: measured, the passages
+        alone, or a request that said "from its beginning to its end", gave vaguer summaries that the
+        model opened by echoing the request (docs/eval.md)."""
         self._require_read()
         settings = self.answering
         if not settings.recall or self.index is None:
@@ -493,7 +494,7 @@ class ReadingSession:
             return
         passages = recall.central(self.index, self.source_map.text,
                                   settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
-        yield from self.ask(CENTRAL_SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
+        yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                             should_stop=should_stop, passages=passages, keep_memory=True)
 
     # ---------------------------------------------------------------- retention view
