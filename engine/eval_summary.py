@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-
 PODCAST = Path(__file__).resolve().parent.parent / "assets" / "eval" / "summary_podcast.srt"
 DOCS = ("Ruth", "Jonah", "Esther", "Exodus 1-12", "podcast")
 TOP_SECTION, TOP_BOOK, TOP_THIRD = 3, 10, 5

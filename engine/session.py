@@ -483,19 +483,18 @@ class ReadingSession:
         are re-read before the request, within the recall and conversation budgets (a summary has no
         conversation), so memory stays flat. Without them the cache alone holds mostly the book's
         end, and a summary of a long book covered only its last chapters (issue 14). The cascade
-        memory stays in view beside them, and the request is the plain one: measured, the passages
-        alone, or a request that said "from its beginning to its end", gave vaguer summaries that the
-        model opened by echoing the request (docs/eval.md)."""
+        memory stays in view beside them (measured: the passages alone gave vaguer summaries that
+        named fewer of the book's people), and the request is the plain one (one that said "from its
+        beginning to its end" was echoed back); docs/eval.md."""
         self._require_read()
         settings = self.answering
-        if not settings.recall or self.index is None:
-            yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
-                                should_stop=should_stop, recall_on=False)
-            return
-        passages = recall.central(self.index, self.source_map.text,
-                                  settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
+        passages = None
+        if settings.recall and self.index is not None:
+            passages = recall.central(self.index, self.source_map.text,
+                                      settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
         yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
-                            should_stop=should_stop, passages=passages, keep_memory=True)
+                            should_stop=should_stop, recall_on=passages is not None, passages=passages,
+                            keep_memory=True)
 
     # ---------------------------------------------------------------- retention view
     def retention(self, layer: int | None = None) -> dict:
