@@ -31,7 +31,7 @@ from engine.devices import parse_device
 from engine.errors import Cancelled, UserError
 from engine.models import PACKAGED, load_model
 from engine.session import ReadingSession, retention_of
-from engine.summaries import summarize_sections
+from engine.summaries import SECTION_TOKENS, summarize_sections
 
 from . import sessions, views
 from .sessions import UserState
@@ -471,52 +471,61 @@ def _summarize(st: UserState, mode, max_new_tokens):
             text += delta or ""
             yield views.plain_summary_html(text, "Summarizing from the cache… " + views.turn_note(lane.others()))
         answer = session.answers[-1]
-        yield views.plain_summary_html(answer.text, "(stopped)" if answer.stopped else
-                                       f"From the cache after reading: {answer.tokens} tokens in "
+        passages = f" and {len(answer.recalled)} passages spread over the document, re-read" if answer.recalled else ""
+        yield views.plain_summary_html(answer.text, "Stopped: the summary is cut where you stopped." if answer.stopped
+                                       else f"From the cache after reading{passages}: {answer.tokens} tokens in "
                                        f"{answer.seconds:.1f} s.")
         return
     sections, current, label, final = [], "", "", ""
-    progress = {"p": None}
+    job = {"status": None, "planned": None}
     lane = st.lane("summarizing section by section")
+    document = session.document
 
     def note():
-        p = progress["p"]
-        if final or (sections and p and p.tokens_read >= p.tokens_total and not current):
-            # every section is summarized: the last step writes the summary of the summaries
-            said = f"Writing the final summary from {len(sections)} section summar{'ies' if len(sections) != 1 else 'y'}…"
-        else:
-            said = f"Re-reading section by section: {p.tokens_read:,} / {p.tokens_total:,} tokens" if p else "Starting…"
-        return f"{said} {views.turn_note(lane.others())}".strip()
+        return f"{views.summary_progress(job['status'], len(sections))} {views.turn_note(lane.others())}".strip()
 
-    def ended(stopped: bool) -> str:
-        n = f"{len(sections)} section{'s' if len(sections) != 1 else ''}"
-        return (f"Stopped after {n}: the summary below is cut where you stopped." if stopped else f"Done: {n}.")
+    def stopped() -> str:
+        kept = len(sections)
+        return (f"Stopped. Kept the {kept} finished section summar{'ies' if kept != 1 else 'y'} of "
+                f"{job['planned'] or '?'}; no summary of the whole document was written.")
 
-    yield views.sections_html([], "", "", "", note())
+    def html(final_text: str, said: str) -> str:
+        return views.sections_html(sections, label, current, final_text, said, document, job["planned"])
+
+    yield html("", note())
     try:
         for ev in lane.iterate(lambda: summarize_sections(
-                session, session.document, final_tokens=int(max_new_tokens),
-                max_new_tokens=min(160, int(max_new_tokens)),
-                should_stop=st.stop.is_set, progress=lambda p: progress.update(p=p)), waiting={}):
+                session, document, final_tokens=int(max_new_tokens),
+                max_new_tokens=min(SECTION_TOKENS, int(max_new_tokens)), should_stop=st.stop.is_set),
+                waiting={}):
             kind = ev.get("type")
-            if kind == "section_delta":
-                current += ev["text"]
+            if kind == "plan":
+                job["planned"] = len(ev["sections"])
+            elif kind == "status":
+                job["status"], current = ev, ""
                 label = ev.get("label", label)
+            elif kind == "section_delta":
+                current += ev["text"]
             elif kind == "section":
                 sections.append(ev)
                 current = ""
             elif kind == "delta":
                 final += ev["text"]
+            elif kind == "stopped":
+                current = ""
+                yield html("", stopped())
+                return
             elif kind == "done":
                 final = ev.get("summary", final)
                 st.retention = session_retention(session)  # the session now holds the re-read document
-                yield views.sections_html(sections, "", "", final, ended(st.stop.is_set()))
-                break
-            yield views.sections_html(sections, label, current, final, note())
+                yield html(final, views.sections_done(len(sections), ev["seconds"]))
+                return
+            yield html(final, note())
     except Cancelled:
-        yield views.sections_html(sections, label, current, final, ended(True))
+        current = ""
+        yield html("", stopped())
     except UserError as e:
-        yield views.sections_html(sections, label, current, final, f"⚠ {e}")
+        yield html(final, f"⚠ {e}")
 
 
 # ------------------------------------------------------------------ retention view

@@ -382,21 +382,53 @@ def chat_export_json(title: str, turns: list[dict], settings: dict) -> str:
     return json.dumps({"document": title, "settings": settings, "turns": turns}, indent=1, ensure_ascii=False)
 
 
-def sections_html(sections: list[dict], current_label: str, current: str, final: str, note: str = "") -> str:
+SOURCE_CHARS = 3000  # of a section's source text shown when it is expanded
+
+
+def sections_html(sections: list[dict], current_label: str, current: str, final: str, note: str = "",
+                  document=None, planned: int | None = None) -> str:
+    """The final summary, then each finished section summary under its label, expandable to its source
+    (the section's pages, chapters or cues: the text itself when `document` is given)."""
     parts = []
     if final:
         parts.append(f"<div class='summary-final'><h3>Summary</h3><p>{html.escape(final)}</p></div>")
     if sections or current:
-        parts.append(f"<div class='summary-sections-head'>Section summaries ({len(sections)}) · click to expand</div>")
+        of = f" of {planned}" if planned else ""
+        parts.append(f"<div class='summary-sections-head'>Section summaries ({len(sections)}{of})</div>")
     for s in sections:
-        parts.append(f"<details class='section'><summary>{html.escape(s['label'])}</summary>"
-                     f"<p>{html.escape(s['summary'])}</p></details>")
+        source = ""
+        if document is not None:
+            text = document.text[s["start_char"]:s["end_char"]].strip()
+            more = "…" if len(text) > SOURCE_CHARS else ""
+            source = f"<blockquote>{html.escape(text[:SOURCE_CHARS])}{more}</blockquote>"
+        cut = " <i>(cut at the length limit)</i>" if s.get("cut") else ""
+        parts.append(f"<div class='section' data-index='{s['index']}'><h4>{html.escape(s['label'])}</h4>"
+                     f"<p>{html.escape(s['summary'])}{cut}</p><details class='source'><summary>source: "
+                     f"{html.escape(s.get('source') or s['label'])}</summary>{source}</details></div>")
     if current:
-        parts.append(f"<details class='section' open><summary>{html.escape(current_label)} "
-                     f"<i>(summarizing…)</i></summary><p>{html.escape(current)}</p></details>")
+        parts.append(f"<div class='section current'><h4>{html.escape(current_label)} <i>(summarizing…)</i></h4>"
+                     f"<p>{html.escape(current)}</p></div>")
     if note:
         parts.append(f"<div class='note'>{html.escape(note)}</div>")
     return "<div class='summary'>" + "".join(parts) + "</div>"
+
+
+def sections_done(sections: int, seconds: float) -> str:
+    return f"Done: {sections} section summaries and the summary of the whole document in {_duration(seconds)}."
+
+
+def summary_progress(status: dict | None, sections_done: int) -> str:
+    """Where a section-by-section summary is: "Section 3 of 8 (Chapter 3): summarizing · about 1 min 05 s left"."""
+    if status is None:
+        return "Starting…"
+    if status["phase"] == "final":
+        said = f"Writing the summary of the whole document from {sections_done} section summaries"
+    else:
+        what = "reading" if status["phase"] == "reading" else "summarizing"
+        said = f"Section {status['index'] + 1} of {status['of']} ({status['label']}): {what}"
+    eta = status.get("eta_seconds")
+    left = f"about {_duration(eta)} left" if eta is not None else "time left: known after the first section"
+    return f"{said} · {left}"
 
 
 def plain_summary_html(text: str, note: str = "") -> str:

@@ -21,6 +21,11 @@ import numpy as np
 
 from .errors import UserError
 
+# a line that is a heading: "Chapter 12", "CHAPTER XII", "# Title", "Book II", "Part 3", "Psalm 23"
+# (one line: [ \t] rather than \s, so that with re.MULTILINE a match never spans lines)
+HEADING = re.compile(r"^[ \t]*(#{1,6}[ \t]+\S.*|(chapter|book|part|section|psalm|act|scene|canto)[ \t]+"
+                     r"([0-9]+|[ivxlcdm]+|[a-z]+)\b.{0,60})[ \t]*$", re.IGNORECASE | re.MULTILINE)
+HEADING_CHARS = 90  # a longer line is prose that happens to start like a heading
 SUPPORTED = (".txt", ".md", ".markdown", ".pdf", ".epub", ".srt", ".vtt")
 SEPARATOR = "\n\n"
 
@@ -387,6 +392,53 @@ def _vtt(p: Path, data: bytes):
         voice = re.search(r"<v(?:\.[\w.-]+)*\s+([^>]+)>", raw)
         segments.append(_cue(c.start, c.end, raw, voice.group(1).strip() if voice else None))
     return "vtt", "", [c for c in segments if c is not None]
+
+
+# ------------------------------------------------------------------ structure: chapters and sections
+
+def chapters(document: Document) -> list[tuple[int, int, str]] | None:
+    """(start_char, end_char, label) of the chapters that heading lines mark, in order, covering the text.
+
+    Heading lines ("Chapter 12", "CHAPTER XII", markdown "# ..."; `HEADING`) make chapters in any
+    kind of text, plain or PDF (labelled by the heading, with the pages they span). Text before the
+    first heading is an "opening" chapter. None with fewer than two headings, and for subtitles:
+    then the document's own segments (EPUB chapters, PDF pages, cues) are its structure.
+    """
+    text = document.text
+    heads = [m for m in HEADING.finditer(text) if len(m.group(0)) < HEADING_CHARS]
+    if len(heads) < 2 or document.kind in ("srt", "vtt"):
+        return None
+    out = []
+    if text[:heads[0].start()].strip():
+        out.append((0, heads[0].start(), "opening"))
+    for k, m in enumerate(heads):
+        end = heads[k + 1].start() if k + 1 < len(heads) else len(text)
+        label = " ".join(m.group(0).strip().lstrip("#").split())
+        out.append((m.start(), end, label))
+    if document.kind == "pdf":  # say where each chapter is: "Chapter 3 (p. 4-6)"
+        out = [(a, b, f"{label} ({span_label(document, a, b)})") for a, b, label in out]
+    return [(a, len(text[:b].rstrip()) if b > a else b, label) for a, b, label in out]
+
+
+def span_label(document: Document, start: int, end: int) -> str:
+    """Where a character span is, for a reader: "p. 4-6", "ch. 2: Title", "00:01:02-00:04:10", "lines 12-80"."""
+    starts = np.asarray(document.segment_starts(), dtype=np.int64)
+    first = int(np.searchsorted(starts, start, side="right") - 1)
+    last = int(np.searchsorted(starts, max(start, end - 1), side="right") - 1)
+    segs = document.segments
+    if document.kind == "pdf":
+        a, b = segs[first].meta["page"], segs[last].meta["page"]
+        return f"p. {a}" if a == b else f"p. {a}-{b}"
+    if document.kind in ("srt", "vtt"):
+        a, b = segs[first].meta["start"].split(".")[0], segs[last].meta["end"].split(".")[0]
+        return f"{a}-{b}"
+    if document.kind == "epub":
+        return segs[first].label if first == last else f"{segs[first].label} - {segs[last].label}"
+    text = document.text
+    end = start + len(text[start:end].rstrip())  # a trailing blank line is not part of the span
+    a = text.count("\n", 0, start) + 1
+    b = a + text.count("\n", start, max(start, end - 1))
+    return f"line {a}" if a == b else f"lines {a}-{b}"
 
 
 # ------------------------------------------------------------------ tokens and where they came from

@@ -94,6 +94,9 @@ def add_arguments(parser) -> None:
                            help="books: reference rows (no document; full attention over only the answer's passages)")
             p.add_argument("--bible", action="store_true",
                            help="books: the whole KJV (~1M tokens) as one document, with the set's Bible questions")
+    from .eval_summary import add_parser
+
+    add_parser(sub)
 
 
 
@@ -798,6 +801,10 @@ def main(args) -> int:
             name = "books"
         else:
             run_qa(args)
+    elif args.task == "summary":
+        from .eval_summary import run_summary
+
+        run_summary(args)
     else:
         {"passkey": run_passkey, "ppl": run_ppl}[args.task](args)
     out = Path(args.out)

@@ -11,8 +11,14 @@ from dataclasses import dataclass
 DOC_INTRO = "Read the following document. Afterwards, answer questions about it.\n\n<document>\n"
 DOC_OUTRO = "\n</document>\n\n"
 SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering its main points."
-SECTION_QUESTION = "Summarize the part of the document you just read in two or three sentences."
-FINAL_SUMMARY_QUESTION = "These are summaries of consecutive sections of one document. Write one summary of the whole document."
+# {label}: the section's label ("Chapter 3", "p. 4-6"); asks for what the text says, not what the model knows
+SECTION_QUESTION = "Summarize {label} in two or three sentences: who does what. Use only the names it gives."
+# a base model (plain format) continues text rather than following requests: it gets the start of the summary
+SECTION_LEAD = "In two or three sentences, using only its own names and events, {label} tells how"
+FINAL_SUMMARY_LEAD = "In a few sentences, and in the order of these sections, {title} tells how"
+FINAL_SUMMARY_QUESTION = ("These are summaries of the consecutive sections of {title}, in order. Write one "
+                          "summary of the whole document in a few sentences, in the same order, naming its main "
+                          "people and places. Use only the names and events given above.")
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,10 @@ class PromptFormat:
 
     def question_text(self, q: str) -> str:
         return DOC_OUTRO + self.question.format(q=q)
+
+    def request_text(self, q: str, lead: str) -> str:
+        """After the document: a request `q` for a chat model, the opening words `lead` for a base model."""
+        return DOC_OUTRO + lead if self.name == "plain" else self.question_text(q)
 
     def follow_up_text(self, q: str) -> str:
         return self.follow_up.format(q=q)

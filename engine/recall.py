@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .documents import HEADING, HEADING_CHARS
 from .errors import UserError
 
 INDEX_VERSION = 1
@@ -49,9 +50,6 @@ NARROW_TOKENS = 60
 # (1/61 - 1/62 > 0.01/61); it breaks ties deeper down and it alone ranks passages for a question that
 # shares no word with the book (see `rank`; ReadingSession.locate skips the attention probes otherwise).
 FUSION = {"bm25": 1.0, "attention": 0.01}
-# a line that is a heading: "Chapter 12", "CHAPTER XII", "# Title", "Book II", "Part 3", "Psalm 23"
-HEADING = re.compile(r"^\s*(#{1,6}\s+\S.*|(chapter|book|part|section|psalm|act|scene|canto)\s+"
-                     r"([0-9]+|[ivxlcdm]+|[a-z]+)\b.{0,60})\s*$", re.IGNORECASE)
 _WORD = re.compile(r"\w+", re.UNICODE)
 STOPWORDS = frozenset("""a an and are as at be been but by did do does for from had has have he her him his how i in
 into is it its me my not of on or our she so that the their them then there these they this those to was we were
@@ -153,7 +151,7 @@ def cut_passages(document, offsets: np.ndarray) -> list[Passage]:
             close()
         for a, b in _lines(text, s0, s1):
             if plain:
-                if HEADING.match(text[a:b]) and b - a < 90:
+                if HEADING.match(text[a:b]) and b - a < HEADING_CHARS:
                     close()
                     heading = " ".join(text[a:b].lstrip("# ").split())
                 first = line_no
@@ -334,6 +332,37 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
         lr, ar = lex_rank.get(pid), att_rank.get(pid)
         picked.append(Recalled(p, text, lr and lr[0], lr and round(lr[1], 4), ar and ar[0],
                                ar and round(ar[1], 5), fused[pid]))
+    return sorted(picked, key=lambda r: r.passage.token_start)
+
+
+def central(index: PassageIndex, text: str, budget: int, tokens_of=lambda p: p.tokens + 8,
+            words: int = 20) -> list[Recalled]:
+    """The book's central passages, spread over all of it, within `budget` tokens (for a summary).
+
+    Central: ranked by BM25 for the book's `words` most frequent content words (its main people,
+    places and themes). Spread: the book is cut into as many equal parts (by tokens) as passages of
+    average cost fit the budget, and each part gives its best passage, so a summary sees the
+    beginning, the middle and the end, not only what the cache holds (mostly the end).
+    """
+    from collections import Counter
+
+    passages = index.passages
+    if not passages:
+        return []
+    counts = Counter(w for w in (m.lower() for m in _WORD.findall(text)) if w not in STOPWORDS and len(w) > 2)
+    ranked = index.bm25(" ".join(w for w, _ in counts.most_common(words)), limit=len(passages))
+    mean_cost = sum(tokens_of(p) for p in passages) / len(passages)
+    parts = max(1, min(len(passages), int(budget // mean_cost)))
+    end = passages[-1].token_end
+    picked, used, taken = [], 0, set()
+    for pid, score in ranked:  # best first: each part takes its best passage that still fits
+        p = passages[pid]
+        part = min(parts - 1, p.token_start * parts // max(end, 1))
+        if part in taken or used + tokens_of(p) > budget:
+            continue
+        taken.add(part)
+        used += tokens_of(p)
+        picked.append(Recalled(p, index.text(p), len(picked) + 1, round(score, 4), None, None, 0.0))
     return sorted(picked, key=lambda r: r.passage.token_start)
 
 

@@ -253,8 +253,12 @@ class ReadingSession:
 
     def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
-            seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None) -> Iterator[str]:
+            seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
+            passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
+
+        `passages`: re-read these instead of the ones recall would choose for the question (summaries);
+        `keep_memory`: keep the cascade memory in view beside recalled passages (default: the setting).
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -272,7 +276,10 @@ class ReadingSession:
         turns = self._kept_turns(answer) if continue_conversation else []
         use_recall = settings.recall if recall_on is None else recall_on
         recalled: list[recall.Recalled] = []
-        if not use_recall:
+        if passages is not None:
+            recalled = passages
+            answer.recalled = [r.to_dict() for r in recalled]
+        elif not use_recall:
             answer.recall_note = "recall is off"
         elif self.index is None:
             answer.recall_note = self.index_note or "no passage index"
@@ -285,7 +292,7 @@ class ReadingSession:
         self._check_full_positions(self.doc_cache.n_valid + len(ids) + max_new_tokens,
                                    "the document, question and answer")
         cache_memory = memory_of(cache)
-        if recalled and not settings.memory_in_answer:
+        if recalled and not (settings.memory_in_answer if keep_memory is None else keep_memory):
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
@@ -477,11 +484,22 @@ class ReadingSession:
     def summarize(self, max_new_tokens: int = 300, should_stop=None, temperature: float = 0.0) -> Iterator[str]:
         """Whole-document summary from the cache after reading (the paper's setting).
 
-        Recall stays off: the words of a summary request match arbitrary passages, and recalled
-        passages would hide the memory that a summary needs (choosing a book's central passages for a
-        summary is the summaries issue's work)."""
+        With recall on, the book's central passages, spread over the whole book (`recall.central`),
+        are re-read before the request, within the recall and conversation budgets (a summary has no
+        conversation), so memory stays flat. Without them the cache alone holds mostly the book's
+        end, and a summary of a long book covered only its last chapters (issue 14). The cascade
+        memory stays in view beside them (measured: the passages alone gave vaguer summaries that
+        named fewer of the book's people), and the request is the plain one (one that said "from its
+        beginning to its end" was echoed back); docs/eval.md."""
+        self._require_read()
+        settings = self.answering
+        passages = None
+        if settings.recall and self.index is not None:
+            passages = recall.central(self.index, self.source_map.text,
+                                      settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
         yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
-                            should_stop=should_stop, recall_on=False)
+                            should_stop=should_stop, recall_on=passages is not None, passages=passages,
+                            keep_memory=True)
 
     # ---------------------------------------------------------------- retention view
     def retention(self, layer: int | None = None) -> dict:

@@ -1,57 +1,139 @@
-"""Book summaries by sections: summarize each chapter / page range as it is read, then summarize those.
+"""Book summaries by sections: summarize each chapter (or group of chapters) as it is read, then
+summarize those summaries, each under its section's label.
+
+Sections follow the book's structure (`documents.chapters`: headings such as "Chapter 12", EPUB
+chapters, PDF pages, subtitle cues). Consecutive chapters are grouped so that a book makes at most
+`MAX_SECTIONS` sections: every section costs one generated summary, and the whole job must stay
+within a small multiple of the time to read the book (docs/eval.md). A chapter longer than twice
+the target is cut at paragraph breaks.
 
 The cascade cache carries context across sections: sections are read into one continuing cache,
-and each section summary is generated from a copy of it, so summaries never enter the document's
-cache. The final summary reads the section summaries as a new, short document.
+and each section summary is generated from a frozen copy of it, so summaries never enter the
+document's cache. The final summary reads the labelled section summaries as a new, short document.
+Repetition control is the session's own (`ReadingSession._processor`), the same as for answers.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Iterator
 
 import torch
 
 from . import documents
-from .memory import freeze
+from .errors import UserError
+from .memory import freeze, memory_of
+from .prompts import DOC_OUTRO, FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
-from .prompts import FINAL_SUMMARY_QUESTION, SECTION_QUESTION
 from .runtime import ReadProgress
 from .session import Answer, ReadingSession, ReadResult
 
+MAX_SECTIONS = 8  # measured: 12 made the final summary worse (coverage, order) and slower
+MIN_SECTION_CHARS = 2000  # ~500 tokens: shorter chapters are grouped with the next
+SECTION_TOKENS = 120  # limit of one section summary
 
-def section_bounds(document: documents.Document, section_chars: int) -> list[tuple[int, int, str]]:
-    """Group consecutive segments into sections of at least `section_chars`: (start, end, label)."""
-    starts = document.segment_starts()
-    out, first = [], 0
-    size = 0
-    for k, seg in enumerate(document.segments):
-        size += len(seg.text)
-        if size >= section_chars or k == len(document.segments) - 1:
-            a, b = document.segments[first].label, seg.label
-            label = a if first == k or not a else f"{a} - {b}"
-            end = starts[k] + len(seg.text)
-            out.append((starts[first], end, label or f"part {len(out) + 1}"))
+
+def _cuts(text: str, a: int, b: int, target: float) -> list[tuple[int, int]]:
+    """Cut text[a:b] into pieces of about `target` chars at paragraph breaks (else line ends, spaces)."""
+    n = max(2, round((b - a) / target))
+    bounds = [a]
+    for i in range(1, n):
+        want = a + (b - a) * i // n
+        lo = max(bounds[-1] + 1, want - int(target) // 3)
+        for sep in ("\n\n", "\n", " "):  # the break nearest before `want`, else the nearest after it
+            at = text.rfind(sep, lo, want)
+            at = at if at > bounds[-1] else text.find(sep, want, want + int(target) // 3)
+            if at > bounds[-1]:
+                bounds.append(at + len(sep))
+                break
+    return list(zip(bounds, bounds[1:] + [b]))
+
+
+def section_bounds(document: documents.Document, max_sections: int = MAX_SECTIONS,
+                   min_chars: int = MIN_SECTION_CHARS) -> list[tuple[int, int, str]]:
+    """(start_char, end_char, label) of each section: chapters grouped to about len/max_sections chars."""
+    text = document.text
+    target = max(min_chars, len(text) / max_sections)
+    chapters = documents.chapters(document)
+    named = chapters is not None or document.kind == "epub"  # labels worth keeping ("Chapter 3")
+    if chapters is None:
+        chapters = [(a, a + len(s.text), s.label) for a, s in zip(document.segment_starts(), document.segments)]
+    units = []
+    for a, b, label in chapters:
+        pieces = _cuts(text, a, b, target) if b - a > 2 * target else [(a, b)]
+        units += [(x, y, f"{label} ({i + 1}/{len(pieces)})" if len(pieces) > 1 and named else label)
+                  for i, (x, y) in enumerate(pieces)]
+    groups, first, size = [], 0, 0
+    for k, (a, b, label) in enumerate(units):
+        size += b - a
+        after = size + units[k + 1][1] - units[k + 1][0] if k + 1 < len(units) else None
+        # close at the target, or past half of it where the next chapter would overshoot it by more
+        if after is None or size >= target or (size >= target / 2 and after - target > target - size):
+            groups.append((first, k))
             first, size = k + 1, 0
-    if len(out) == 1 and len(document.text) > 2 * section_chars:  # one huge segment (plain text): split it
-        text_len, out = len(document.text), []
-        for i, a in enumerate(range(0, text_len, section_chars)):
-            out.append((a, min(text_len, a + section_chars), f"part {i + 1}"))
+    if len(groups) > 1 and units[groups[-1][1]][1] - units[groups[-1][0]][0] < target / 3:
+        groups[-2:] = [(groups[-2][0], groups[-1][1])]  # a short tail joins the section before
+    out = []
+    for i, j in groups:
+        a, b = units[i][0], units[j][1]
+        if named and units[i][2]:
+            label = units[i][2] if i == j else f"{units[i][2]} – {units[j][2]}"
+        else:
+            label = documents.span_label(document, a, b)
+        out.append((a, b, label))
     return out
 
 
+def whole_sentences(text: str) -> str:
+    """A summary cut by its token limit, without its unfinished last sentence (if it has a finished one)."""
+    ends = [m.end() for m in re.finditer(r"[.!?][\"')\]]?(?=\s|$)", text)]
+    return text[:ends[-1]] if ends else text
+
+
+class Eta:
+    """Seconds left for the whole job: reading at the measured rate, the remaining section summaries at
+    the mean time of the finished ones, and the final summary at that rate per token."""
+
+    def __init__(self, total_tokens: int, sections: int, section_tokens: int, final_tokens: int):
+        self.total, self.sections = total_tokens, sections
+        self.final_share = final_tokens / max(section_tokens, 1)
+        self.read_tokens, self.read_seconds, self.summary_seconds, self.done = 0, 0.0, 0.0, 0
+
+    def seconds_left(self) -> float | None:
+        if not self.done or not self.read_tokens:
+            return None
+        per_summary = self.summary_seconds / self.done
+        reading = (self.total - self.read_tokens) * self.read_seconds / self.read_tokens
+        return reading + per_summary * (self.sections - self.done + self.final_share)
+
+
 def summarize_sections(session: ReadingSession, document: documents.Document | None = None,
-                       section_chars: int = 8000, max_new_tokens: int = 160, final_tokens: int = 300,
-                       should_stop: Callable[[], bool] | None = None, say: Callable[[str], None] | None = None,
-                       progress: Callable[[ReadProgress], None] | None = None) -> Iterator[dict]:
-    """Events: {"type": "section_delta"|"section"|"delta"|"progress", ...}. Leaves the session read."""
+                       max_sections: int = MAX_SECTIONS, max_new_tokens: int = SECTION_TOKENS,
+                       final_tokens: int = 300, should_stop: Callable[[], bool] | None = None,
+                       progress: Callable[[ReadProgress], None] | None = None,
+                       focus: bool = True) -> Iterator[dict]:
+    """Events, in order:
+    - {"type": "plan", "sections": [{"index", "label", "start_char", "end_char", "source"}]};
+    - per section: {"type": "status", "index", "of", "label", "phase": "reading"|"summarizing",
+      "eta_seconds"}, its text as {"type": "section_delta", ...}, then {"type": "section", "index",
+      "label", "start_char", "end_char", "source", "summary", "cut", "seconds"};
+    - {"type": "status", "phase": "final", ...}, {"type": "delta", "text"} ..., {"type": "done",
+      "summary", "sections"};
+    With `focus`, a section summary sees only the most recent slots, as many as the section has
+    tokens (the newest cascade holds the latest tokens, so these are mostly the section's), and not
+    the sketch of earlier sections that the cascades keep: measured, summaries otherwise named people
+    of earlier chapters (docs/eval.md).
+    Or, once should_stop() says so, {"type": "stopped", "sections": the finished ones} and nothing
+    more (the session keeps the document it had). Done, the session holds the document as read."""
     document = document or session.document
     if document is None:
-        from .errors import UserError
-
         raise UserError("summarize needs a document")
     tok = session.loaded.tokenizer
-    bounds = section_bounds(document, section_chars)
+    bounds = section_bounds(document, max_sections)
+    plan = [{"index": k, "label": label, "start_char": a, "end_char": b,
+             "source": documents.span_label(document, a, b)} for k, (a, b, label) in enumerate(bounds)]
+    yield {"type": "plan", "sections": plan}
     source_map = documents.SourceMap(document)
     prefix = session._ids(session.format.prefix)
     total = documents.count_tokens(document, tok)
@@ -61,53 +143,85 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
     engine.read([prefix], cache)
     sections: list[dict] = []
     buffer: list[int] = []
-    read_tokens, read_seconds, t0 = 0, 0.0, time.perf_counter()
+    eta = Eta(total, len(bounds), max_new_tokens, final_tokens)
+    t0 = time.perf_counter()
+    memory = None  # one frozen copy, refilled for every section (flat memory)
+    stopped = should_stop or (lambda: False)
+
+    def status(k: int, phase: str) -> dict:
+        return {"type": "status", "index": k, "of": len(bounds), "label": bounds[k][2] if k < len(bounds) else "",
+                "phase": phase, "eta_seconds": eta.seconds_left(), "elapsed": time.perf_counter() - t0}
 
     def flush(k: int):
-        nonlocal read_tokens, read_seconds
+        nonlocal memory
+        section_tokens = len(buffer)
         if buffer:
             start = time.perf_counter()
             engine.read([buffer], cache, should_stop=should_stop)
-            read_seconds += time.perf_counter() - start
-            read_tokens += len(buffer)
+            eta.read_seconds += time.perf_counter() - start
+            eta.read_tokens += len(buffer)
             buffer.clear()
             if progress:
-                progress(ReadProgress(read_tokens, total, time.perf_counter() - t0))
+                progress(ReadProgress(eta.read_tokens, total, time.perf_counter() - t0))
+        yield status(k, "summarizing")
         a, b, label = bounds[k]
-        if say:
-            say(f"section {k + 1}/{len(bounds)}: {label}")
-        answer = Answer(SECTION_QUESTION)
-        for delta in session._generate(freeze(cache, max_new_tokens + 64),
-                                       session._ids(session.format.question_text(SECTION_QUESTION)),
+        question = SECTION_QUESTION.format(label=label)
+        answer = Answer(question)
+        start = time.perf_counter()
+        memory = freeze(cache, max_new_tokens + 128, memory)
+        if focus:  # the section's own slots only (and the sinks): earlier sections stay out of its summary
+            memory_of(memory).hide_document(session.config.sinks, recent=max(section_tokens, 1))
+        prompt = session.format.request_text(question, SECTION_LEAD.format(label=label))
+        for delta in session._generate(memory, session._ids(prompt),
                                        answer, max_new_tokens, 0.0, 1.0, should_stop, 0, 0):
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
-        event = {"type": "section", "index": k, "label": label, "start_char": a, "end_char": b,
-                 "summary": answer.text}
+        if answer.stopped:
+            return
+        eta.summary_seconds += time.perf_counter() - start
+        eta.done += 1
+        text = whole_sentences(answer.text) if answer.cut else answer.text
+        event = {**plan[k], "type": "section", "summary": text, "cut": answer.cut,
+                 "seconds": time.perf_counter() - start}
         sections.append(event)
         yield event
 
     k = 0
+    yield status(0, "reading")
     for piece in documents.tokenize_stream(document, tok, source_map=source_map):
         offset0 = len(source_map) - len(piece)
         for j, token in enumerate(piece):
             while k < len(bounds) - 1 and source_map.char_offset(offset0 + j) >= bounds[k][1]:
                 yield from flush(k)
+                if stopped():
+                    yield {"type": "stopped", "sections": sections}
+                    return
                 k += 1
+                yield status(k, "reading")
             buffer.append(token)
     while k < len(bounds):
         yield from flush(k)
+        if stopped():
+            yield {"type": "stopped", "sections": sections}
+            return
         k += 1
     # the session now holds the whole document, as if read with session.read
     session._set_document(document, source_map, cache, len(prefix),
-                          ReadResult(read_tokens, len(prefix), read_seconds, read_tokens / max(read_seconds, 1e-9)),
+                          ReadResult(eta.read_tokens, len(prefix), eta.read_seconds,
+                                     eta.read_tokens / max(eta.read_seconds, 1e-9)),
                           PassageIndex.build(document, source_map.offsets))
-    # final: the section summaries, read as a short document of their own
+    yield status(len(bounds), "final")
+    # final: the labelled section summaries, read as a short document of their own
     joined = "\n\n".join(f"[{s['label']}] {s['summary']}" for s in sections)
-    final_cache = engine.new_cache()
-    ids = session._ids(session.format.prefix + joined) + session._ids(session.format.question_text(FINAL_SUMMARY_QUESTION))
-    answer = Answer(FINAL_SUMMARY_QUESTION)
+    question = FINAL_SUMMARY_QUESTION.format(title=document.title)
+    ids = session._ids(session.format.prefix + joined) + session._ids(
+        session.format.request_text(question, FINAL_SUMMARY_LEAD.format(title=document.title)))
+    answer = Answer(question)
     session.answers.append(answer)
     with torch.inference_mode():
-        for delta in session._generate(final_cache, ids, answer, final_tokens, 0.0, 1.0, should_stop, 0, 0):
+        for delta in session._generate(engine.new_cache(), ids, answer, final_tokens, 0.0, 1.0, should_stop, 0, 0):
             yield {"type": "delta", "text": delta}
-    yield {"type": "done", "summary": answer.text, "sections": sections}
+    if answer.stopped:
+        yield {"type": "stopped", "sections": sections}
+        return
+    answer.text = answer.text.replace(DOC_OUTRO.strip(), "").strip()  # a small model may echo the closing tag
+    yield {"type": "done", "summary": answer.text, "sections": sections, "seconds": time.perf_counter() - t0}

@@ -125,14 +125,40 @@ def test_section_summaries_cover_every_section(smollm2):
     segments = [documents.Segment(kjv_text(max_chars=2500, start_verse=s), f"p. {k + 1}", {"page": k + 1})
                 for k, s in enumerate((0, 400, 800))]
     doc = documents.Document(path=None, kind="pdf", title="three pages", segments=segments, sha256="x")
-    assert [b[2] for b in section_bounds(doc, 2000)] == ["p. 1", "p. 2", "p. 3"]
+    assert [b[2] for b in section_bounds(doc, min_chars=2000)] == ["p. 1", "p. 2", "p. 3"]
     session = ReadingSession(smollm2, CONFIG, stride=256)
-    events = list(summarize_sections(session, doc, section_chars=2000, max_new_tokens=24, final_tokens=32))
+    events = list(summarize_sections(session, doc, max_new_tokens=24, final_tokens=32))
+    assert events[0]["type"] == "plan" and [s["source"] for s in events[0]["sections"]] == ["p. 1", "p. 2", "p. 3"]
     sections = [e for e in events if e["type"] == "section"]
     assert [s["label"] for s in sections] == ["p. 1", "p. 2", "p. 3"]
     assert all(s["summary"].strip() for s in sections)
+    status = [(e["index"], e["phase"]) for e in events if e["type"] == "status"]
+    assert status == [(0, "reading"), (0, "summarizing"), (1, "reading"), (1, "summarizing"), (2, "reading"),
+                      (2, "summarizing"), (3, "final")]
+    etas = [e["eta_seconds"] for e in events if e["type"] == "status"]
+    assert etas[:2] == [None, None] and all(x is not None and x >= 0 for x in etas[2:])  # once one is timed
     assert events[-1]["type"] == "done" and events[-1]["summary"].strip()
     assert "".join(e["text"] for e in events if e["type"] == "delta").strip() == events[-1]["summary"]
     # afterwards the session holds the whole document, ready for questions
     assert session.read_result.doc_tokens > 1500
     assert "".join(session.ask("What is this about?", max_new_tokens=8)).strip()
+
+
+def test_stopped_section_summary_keeps_finished_sections_and_the_session(smollm2):
+    doc = documents.document_from_text("\n\n".join(f"Chapter {k + 1}\n" + kjv_text(max_chars=2200, start_verse=300 * k)
+                                                   for k in range(3)), title="three chapters")
+    session = ReadingSession(smollm2, CONFIG, stride=256)
+    sections = []
+
+    def stop():
+        return len(sections) >= 1
+
+    events = []
+    for e in summarize_sections(session, doc, max_new_tokens=16, final_tokens=16, should_stop=stop):
+        events.append(e)
+        if e["type"] == "section":
+            sections.append(e)
+    assert [s["label"] for s in events[0]["sections"]] == ["Chapter 1", "Chapter 2", "Chapter 3"]
+    assert events[-1] == {"type": "stopped", "sections": sections} and len(sections) == 1
+    assert not any(e["type"] in ("delta", "done") for e in events)  # no final summary of a part of the book
+    assert session.document is None  # the session keeps what it had: nothing was read into it

@@ -1,0 +1,121 @@
+"""Summaries without a model: chapters and sections, central passages, and the summary metrics."""
+
+import numpy as np
+
+from engine import documents, recall
+from engine.eval_summary import (coverage, entities, grounding, load_doc, order_correlation, proper_names,
+                                 repetition, score_row, third_names, thirds)
+from engine.summaries import Eta, section_bounds, whole_sentences
+
+
+def test_chapters_are_found_in_plain_text_in_every_heading_style():
+    text = ("A preface that is not a chapter.\n\nCHAPTER I\nThe sea was grey.\n\nChapter 2: The Storm\n"
+            "The wind rose.\n\n## Part Three\nThe harbour.\n\nChapter twelve is a phrase in a sentence, not a heading "
+            "because this line goes on far too long to be one.\n")
+    doc = documents.document_from_text(text, "novel")
+    found = documents.chapters(doc)
+    assert [c[2] for c in found] == ["opening", "CHAPTER I", "Chapter 2: The Storm", "Part Three"]
+    assert [doc.text[a:b].split("\n")[0] for a, b, _ in found[1:]] == ["CHAPTER I", "Chapter 2: The Storm",
+                                                                       "## Part Three"]
+    assert found[0][0] == 0 and found[-1][1] == len(doc.text.rstrip())  # the chapters cover the text
+    assert all(b <= c for (_, b, _), (c, _, _) in zip(found, found[1:]))
+    assert documents.chapters(documents.document_from_text("Chapter 1\nonly one heading\n", "x")) is None
+
+
+def test_sections_follow_chapters_and_stay_few():
+    esther = load_doc("Esther")
+    bounds = section_bounds(esther)
+    assert bounds[0][2] == "Chapter 1" and bounds[-1][2].endswith("Chapter 10")
+    assert all(esther.text[a:b].startswith("Chapter") for a, b, _ in bounds)  # sections start at a chapter
+    assert all(b <= c for (_, b, _), (c, _, _) in zip(bounds, bounds[1:])) and bounds[-1][1] >= len(esther.text) - 1
+    exodus = load_doc("Exodus 1-12")
+    assert 3 <= len(section_bounds(exodus, max_sections=4)) <= 4  # chapters grouped, never more than asked
+    # plain text without headings: cut at paragraph breaks into about equal parts, labelled by lines
+    plain = documents.document_from_text("\n\n".join(f"Paragraph {i} " + "word " * 80 for i in range(60)), "plain")
+    parts = section_bounds(plain, max_sections=6)
+    sizes = [b - a for a, b, _ in parts]
+    assert len(parts) == 6 and max(sizes) < 1.5 * min(sizes) and parts[0][2] == "lines 1-19"
+    assert all(plain.text[a:b].startswith("Paragraph") for a, b, _ in parts)
+
+
+def test_subtitles_are_sectioned_by_time():
+    podcast = load_doc("podcast")
+    bounds = section_bounds(podcast, min_chars=1000)
+    assert len(bounds) >= 2 and bounds[0][2].startswith("00:00:03-") and bounds[-1][2].endswith("00:04:32")
+
+
+def test_eta_needs_one_timed_section_then_counts_what_is_left():
+    eta = Eta(total_tokens=1000, sections=4, section_tokens=100, final_tokens=200)
+    assert eta.seconds_left() is None
+    eta.read_tokens, eta.read_seconds, eta.summary_seconds, eta.done = 250, 1.0, 5.0, 1
+    assert eta.seconds_left() == 750 / 250 + 5.0 * (3 + 2)
+
+
+def test_central_passages_spread_over_the_whole_book():
+    doc = load_doc("Esther")
+    offsets = np.arange(0, len(doc.text), 4, dtype=np.int64)  # one 'token' per 4 characters
+    index = recall.PassageIndex.build(doc, offsets)
+    picked = recall.central(index, doc.text, budget=1152)
+    assert 4 <= len(picked) and sum(r.passage.tokens + 8 for r in picked) <= 1152
+    where = [r.passage.token_start / len(offsets) for r in picked]
+    assert where == sorted(where) and where[0] < 1 / 3 and any(1 / 3 <= w < 2 / 3 for w in where) and where[-1] >= 2 / 3
+
+
+# ------------------------------------------------------------------ metrics
+
+RUTH = load_doc("Ruth").text
+
+
+def test_grounding_counts_names_and_numbers_missing_from_the_source():
+    s = "Naomi went to Moab with Elimelech. Then Jesus Christ came, in 1871. However, Boaz married Ruth."
+    assert entities(s) == ["Naomi", "Moab", "Elimelech", "Jesus", "Christ", "Boaz", "Ruth", "1871"]
+    assert grounding(s, RUTH) == (5, 8)
+    chapter1 = RUTH[:RUTH.index("Chapter 2")]
+    assert grounding("Boaz met Ruth.", chapter1) == (1, 2)  # Boaz is in the book, not in chapter 1
+    # a name formed from one in the source, and the document's title, are grounded
+    assert grounding("The Moabites of Moab and the Israelites; the book of Ruth.", "Moab and Israel") == (3, 4)
+    assert grounding("The book of Ruth.", "Moab", title="Ruth") == (1, 1)
+
+
+def test_proper_names_skip_words_capitalised_only_where_a_verse_starts():
+    names = proper_names(RUTH)
+    assert [w for w, _ in names.most_common(5)] == ["Naomi", "Boaz", "LORD", "Ruth", "Moab"]
+    assert "Behold" not in names and "Wherefore" not in names and "And" not in names
+    assert coverage("Ruth stayed with naomi.", ["Naomi", "Boaz", "Ruth"]) == (2, 3)
+
+
+def test_repetition_finds_loops_and_passes_varied_text():
+    loop = "Sarah was killed by God. Then Sarah was killed by God. Sarah was killed by God again."
+    r = repetition(loop)
+    assert r["loop"] and r["repeated_sentences"] == 2 and r["ngram4_repeat_rate"] > 0.25
+    ok = repetition("Naomi loses her husband in Moab. Ruth follows her to Bethlehem. Boaz marries Ruth.")
+    assert not ok["loop"] and ok["ngram4_repeat_rate"] == 0.0
+
+
+def test_order_correlation_and_thirds():
+    names = list(proper_names(RUTH))
+    in_order = "Elimelech dies in Moab; Naomi returns to Bethlehem with Ruth, who marries Boaz; Obed is born."
+    backwards = "Obed is born to Boaz, who met Ruth in Bethlehem after Naomi left Moab when Elimelech died."
+    assert order_correlation(in_order, RUTH, names) > 0.8 > 0 > order_correlation(backwards, RUTH, names)
+    assert order_correlation("Naomi.", RUTH, names) is None  # fewer than 3 names
+    first, _, last = third_names(RUTH)
+    assert "Elimelech" in first and "Obed" in last
+    assert thirds("Elimelech died.", RUTH)[0] and not thirds("Elimelech died.", RUTH)[2]
+
+
+def test_score_row_attributes_section_summaries_to_their_sections():
+    a = RUTH.index("Chapter 2")
+    row = {"summary": "Naomi and Ruth came to Bethlehem.", "cut": False,
+           "sections": [{"label": "Chapter 1", "start_char": 0, "end_char": a, "summary": "Naomi left Moab with Ruth.",
+                         "cut": False},
+                        {"label": "Chapter 2-4", "start_char": a, "end_char": len(RUTH),
+                         "summary": "Boaz met Ruth and Pharaoh.", "cut": True}]}
+    m = score_row(row, RUTH)
+    assert [s["grounded_section"] for s in m["sections"]] == [(3, 3), (2, 3)]
+    assert m["sections"][0]["coverage"] == (2, 3) and m["sections"][1]["cut"]  # chapter 1's top 3: Naomi, LORD, Moab
+    assert m["final_grounded"] == (3, 3) and m["final_coverage"][1] == 10
+
+
+def test_a_cut_summary_loses_its_unfinished_sentence():
+    assert whole_sentences('Naomi went home. Ruth said "no." Boaz then') == 'Naomi went home. Ruth said "no."'
+    assert whole_sentences("no sentence ends here") == "no sentence ends here"
