@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from engine.cache import CacheConfig, make_cache
 from engine.errors import UserError
-from push_oracle import OracleCascade
+from engine.push_rule import OracleCascade
 
 
 def model_config(layers=1, kv_heads=1, head_dim=4):
@@ -82,20 +82,35 @@ def test_random_scores_pick_block_winners():
         assert scores[p] == max(scores[first], scores[first + 1]), (p, first)
 
 
-@settings(max_examples=60, deadline=None)
+def sizes_of(sizes_rule, w, cascades, block):
+    """The cascade sizes a strategy draws: equal, cascade 0 twice the others, or 'half'."""
+    if sizes_rule == "equal":
+        return "equal", [w * block] * cascades
+    if sizes_rule == "first-double" or cascades == 1:
+        sizes = [2 * w * block] + [w * block] * (cascades - 1)
+        return ",".join(map(str, sizes)), sizes
+    return "half", [w * block * (cascades - 1)] + [w * block] * (cascades - 1)
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     sinks=st.integers(0, 5),
-    w=st.integers(1, 6),
+    w=st.integers(1, 6),  # blocks per cascade
     cascades=st.integers(1, 4),
+    block=st.sampled_from([1, 1, 2, 3, 4]),
+    sizes_rule=st.sampled_from(["equal", "equal", "first-double", "half"]),
     lengths=st.lists(st.integers(1, 23), min_size=1, max_size=14),
     seed=st.integers(0, 2 ** 16),
     beta=st.sampled_from([1.0, 0.9, 0.5]),
 )
-def test_matches_literal_oracle_and_invariants(sinks, w, cascades, lengths, seed, beta):
-    cfg = CacheConfig(sinks=sinks, window=w * cascades, cascades=cascades, beta=beta)
+def test_matches_literal_oracle_and_invariants(sinks, w, cascades, block, sizes_rule, lengths, seed, beta):
+    rule, sizes = sizes_of(sizes_rule, w, cascades, block)
+    window = sum(sizes)
+    cfg = CacheConfig(sinks=sinks, window=window, cascades=cascades, beta=beta, block=block, cascade_sizes=rule)
+    assert cfg.sizes == sizes
     cache = make_cache(cfg, model_config(kv_heads=2), batch=2)
     gen = torch.Generator().manual_seed(seed)
-    oracles = [[OracleCascade(sinks, w * cascades, cascades, beta) for _ in range(2)] for _ in range(2)]
+    oracles = [[OracleCascade(sinks, window, cascades, beta, block, sizes) for _ in range(2)] for _ in range(2)]
     first_sinks = None
     for L in lengths:
         before = cache.pos[0].clone()
@@ -105,9 +120,9 @@ def test_matches_literal_oracle_and_invariants(sinks, w, cascades, lengths, seed
             for h in range(2):
                 resident_gain = {int(p): float(g) for p, g in zip(before[b, h], gain[b, h]) if p >= 0}
                 oracles[b][h].chunk(resident_gain, new[b, h].tolist())
-        # invariants
+    # invariants
         pos, valid = cache.slot_positions()
-        assert int(valid.sum()) == cache.n_valid <= sinks + w * cascades
+        assert int(valid.sum()) == cache.n_valid <= sinks + window
         if first_sinks is None and cache.seen >= sinks:
             first_sinks = cache.pos[0][:, :, :sinks].clone()
         if first_sinks is not None:
