@@ -102,7 +102,8 @@ class CacheConfig:
 
     def resolve(self, tokens: int) -> "CacheConfig":
         """A concrete config for a stream of `tokens`: cascades="auto" becomes the smallest C whose sizes
-        fit the window and whose span S + sum_i w_i 2**i covers the stream (C = 1 when it fits)."""
+        fit the window and whose span S + sum_i w_i 2**i covers the stream (C = 1 when it fits), or
+        the C of the longest span when none covers it (blocks can make the deepest layouts impossible)."""
         if self.cascades != "auto":
             return self
         if self.policy != "cascade":
@@ -110,10 +111,14 @@ class CacheConfig:
         explicit = self._explicit_sizes()
         if explicit is not None:
             return replace(self, cascades=len(explicit))
-        c = 1
-        while c < self.window and ((sizes := self.sizes_for(c)) is None or self._span(sizes) < tokens):
-            c += 1
-        return replace(self, cascades=c)
+        longest = 1
+        for c in range(1, self.window + 1):
+            if (sizes := self.sizes_for(c)) is None:
+                continue
+            if self._span(sizes) >= tokens:
+                return replace(self, cascades=c)
+            longest = max(longest, c, key=lambda k: self._span(self.sizes_for(k)))
+        return replace(self, cascades=longest)
 
     @property
     def effective_cascades(self) -> int:

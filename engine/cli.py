@@ -134,7 +134,8 @@ def open_session(args, read: bool = True):
         return session
     bar = reading_bar(args, session, document)
     try:
-        session.read(document, progress=bar.progress, total_tokens=bar.doc_tokens)
+        session.read(document, progress=bar.progress, total_tokens=bar.doc_tokens,
+                     focus=args.question if getattr(args, "focus", False) else None)
     finally:
         bar.close()
     if args.save:
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("doc", nargs="?", help="txt, md, pdf, epub, srt or vtt file")
         if name == "ask":
             p.add_argument("--question", "-q", required=True)
+            p.add_argument("--focus", action="store_true",
+                           help="read with the question in view: its attention joins the scores that decide "
+                                "what the cascade keeps (the question itself is never stored)")
         else:
             p.add_argument("--mode", choices=["cache", "sections"], default="cache")
         add_cache_options(p)

@@ -173,12 +173,45 @@ def test_clone_is_independent():
         assert torch.equal(v, snapshot[k]), k
 
 
+def test_sizes_rules_spans_and_auto_cascades():
+    half = CacheConfig(sinks=64, window=256, cascades=5, cascade_sizes="half", block=8)
+    assert half.sizes == [128, 32, 32, 32, 32] and half.span == 64 + 128 + 32 * (2 + 4 + 8 + 16)
+    explicit = CacheConfig(sinks=0, window=64, cascades="auto", cascade_sizes="32,16,16")
+    assert explicit.resolve(10_000).sizes == [32, 16, 16]
+    # auto: the fewest cascades whose sizes hold whole blocks and whose span covers the stream
+    auto = CacheConfig(sinks=64, window=256, cascades="auto", block=16).resolve(5120)
+    assert auto.cascades == 8 and auto.sizes == [32] * 8 and auto.span >= 5120
+    assert CacheConfig(sinks=64, window=256, cascades="auto", block=64).resolve(5120).cascades == 4  # 64-slot cascades
+    # the sink policy is one window of single tokens whatever the cascade options say
+    sink = CacheConfig(policy="sink", window=100, cascades=4, block=8, cascade_sizes="half")
+    assert sink.sizes == [100] and make_cache(sink, model_config()).block == 1
+    assert not make_cache(sink, model_config()).scored and make_cache(half, model_config()).scored
+
+
+def test_blocks_move_whole_and_cascade_zero_keeps_its_size():
+    # S=0, W=24 as 12 + 6 + 6 slots, blocks of 3: every resident block is 3 consecutive tokens
+    cache = make_cache(CacheConfig(sinks=0, window=24, cascades=3, block=3, cascade_sizes="12,6,6"), model_config())
+    feed(cache, [5] * 40 + [2], torch.Generator().manual_seed(7))
+    order = cache_order(cache)
+    # cascade 0: three whole blocks, then the unfinished one (token 201 opened the block [201, 202, 203])
+    assert cache.seen == 202 and cache.count[0] == 10 and order[-10:] == list(range(192, 202))
+    older = order[:-10]
+    assert len(older) == 12 and older[0] < 192 - 12  # cascades 1 and 2 reach further back
+    for block in [older[i:i + 3] for i in range(0, len(older), 3)]:  # whole aligned blocks
+        assert block[0] % 3 == 0 and block == [block[0], block[0] + 1, block[0] + 2]
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(window=10, cascades=4), "divisible"),
     (dict(policy="nope"), "policy"),
     (dict(window=0), "window"),
     (dict(sinks=-1), "sinks"),
     (dict(beta=0.0), "beta"),
+    (dict(window=256, cascades=4, block=48), "block"),
+    (dict(window=256, cascades=3, cascade_sizes="128,64,32"), "add up"),
+    (dict(window=256, cascades=4, cascade_sizes="128,64,64"), "give 4 cascades"),
+    (dict(cascade_sizes="big"), "cascade sizes"),
+    (dict(block=0), "block"),
 ])
 def test_bad_config_is_a_user_error(kwargs, msg):
     with pytest.raises(UserError, match=msg):
