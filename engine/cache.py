@@ -13,6 +13,7 @@ accepts which token) is shared by all layers, heads and batch rows, and is plann
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -20,6 +21,9 @@ import torch
 from .errors import UserError
 
 POLICIES = ("cascade", "sink", "full")
+
+
+SIZE_RULES = ("equal", "half")  # named rules for --cascade-sizes (or an explicit list "N,N,...")
 
 
 @dataclass(frozen=True)
@@ -31,21 +35,31 @@ class CacheConfig:
     beta: float = 0.9999  # EMA factor of attention scores, per query
     head_reduce: str = "max"  # how the query heads of a GQA group combine into one KV-head score
     rope: str = "cache"  # RoPE at positions inside the cache, or "original" stream positions (ablation)
+    block: int = 1  # tokens that move through the cascades as one (1: the paper's token contests)
+    cascade_sizes: str = "equal"  # "equal", "half" (cascade 0 gets half the window) or "N,N,..."
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise UserError(f"policy must be one of {', '.join(POLICIES)}, not '{self.policy}'")
         if self.sinks < 0:
             raise UserError(f"sinks must be >= 0, not {self.sinks}")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise UserError(f"block must be an integer >= 1, not {self.block!r}")
+        if self.cascade_sizes not in SIZE_RULES and not re.fullmatch(r"\d+(,\d+)*", str(self.cascade_sizes)):
+            raise UserError(f"cascade sizes must be 'equal', 'half' or a list like 512,256,256, "
+                            f"not '{self.cascade_sizes}'")
         if self.policy != "full":
             if self.window < 1:
                 raise UserError(f"window must be >= 1, not {self.window}")
+            explicit = self._explicit_sizes()
+            if explicit is not None and sum(explicit) != self.window:
+                raise UserError(f"cascade sizes {self.cascade_sizes} must add up to the window ({self.window})")
             if self.cascades == "auto":
                 pass
             elif not isinstance(self.cascades, int) or isinstance(self.cascades, bool) or self.cascades < 1:
                 raise UserError(f"cascades must be 'auto' or an integer >= 1, not {self.cascades!r}")
-            elif self.window % self.effective_cascades:
-                raise UserError(f"window ({self.window}) must be divisible by cascades ({self.cascades})")
+            elif self.sizes is None:
+                raise UserError(self._size_problem(self.effective_cascades))
         if not 0.0 < self.beta <= 1.0:
             raise UserError(f"beta must be in (0, 1], not {self.beta}")
         if self.rope not in ("cache", "original"):
@@ -53,17 +67,58 @@ class CacheConfig:
         if self.head_reduce not in ("max", "mean"):
             raise UserError(f"head_reduce must be 'max' or 'mean', not '{self.head_reduce}'")
 
+    def _explicit_sizes(self) -> list[int] | None:
+        if self.cascade_sizes in SIZE_RULES:
+            return None
+        return [int(x) for x in str(self.cascade_sizes).split(",")]
+
+    def _size_problem(self, c: int) -> str:
+        if self._explicit_sizes() is not None:
+            return (f"cascade sizes {self.cascade_sizes} must give {c} cascades, each a positive multiple of "
+                    f"the block ({self.block})")
+        if self.cascade_sizes == "half" and c > 1:
+            return (f"with --cascade-sizes half, window/2 ({self.window // 2}) must be a multiple of the block "
+                    f"({self.block}) and the other half divisible into {c - 1} cascades of whole blocks")
+        return f"window ({self.window}) must be divisible by cascades ({c}) times the block ({self.block})"
+
+    def sizes_for(self, c: int) -> list[int] | None:
+        """Slots of each of c cascades under this config's size rule; None where c does not fit it.
+
+        Every cascade holds whole blocks, so every size is a positive multiple of `block`."""
+        if self.policy == "sink":  # one window of single tokens, whatever the cascade options say
+            return [self.window]
+        explicit = self._explicit_sizes()
+        if explicit is not None:
+            sizes = explicit if len(explicit) == c else None
+        elif self.cascade_sizes == "half" and c > 1:
+            first = self.window // 2
+            rest = self.window - first
+            sizes = [first] + [rest // (c - 1)] * (c - 1) if rest % (c - 1) == 0 else None
+        else:
+            sizes = [self.window // c] * c if self.window % c == 0 else None
+        if sizes is None or any(w < self.block or w % self.block for w in sizes):
+            return None
+        return sizes
+
     def resolve(self, tokens: int) -> "CacheConfig":
-        """A concrete config for a stream of `tokens`: cascades="auto" becomes the smallest C that
-        divides the window and whose span S + (W/C)(2**C - 1) covers the stream (C = 1 when it fits)."""
+        """A concrete config for a stream of `tokens`: cascades="auto" becomes the smallest C whose sizes
+        fit the window and whose span S + sum_i w_i 2**i covers the stream (C = 1 when it fits), or
+        the C of the longest span when none covers it (blocks can make the deepest layouts impossible)."""
         if self.cascades != "auto":
             return self
         if self.policy != "cascade":
             return replace(self, cascades=1)
-        c = 1
-        while c < self.window and (self.window % c or self.sinks + (self.window // c) * (2 ** c - 1) < tokens):
-            c += 1
-        return replace(self, cascades=c)
+        explicit = self._explicit_sizes()
+        if explicit is not None:
+            return replace(self, cascades=len(explicit))
+        longest = 1
+        for c in range(1, self.window + 1):
+            if (sizes := self.sizes_for(c)) is None:
+                continue
+            if self._span(sizes) >= tokens:
+                return replace(self, cascades=c)
+            longest = max(longest, c, key=lambda k: self._span(self.sizes_for(k)))
+        return replace(self, cascades=longest)
 
     @property
     def effective_cascades(self) -> int:
@@ -72,20 +127,29 @@ class CacheConfig:
         return 1 if self.policy == "sink" else self.cascades
 
     @property
+    def sizes(self) -> list[int] | None:
+        """Slots of each cascade, cascade 0 (the newest tokens) first; None where they do not fit."""
+        return self.sizes_for(self.effective_cascades)
+
+    @property
     def cascade_slots(self) -> int:
-        return self.window // self.effective_cascades
+        """Slots of the last cascade (of every cascade with equal sizes)."""
+        return self.sizes[-1]
 
     @property
     def slots(self) -> int | None:
         """Slots per layer (sinks + window); None for the unbounded full policy."""
         return None if self.policy == "full" else self.sinks + self.window
 
+    def _span(self, sizes: list[int]) -> int:
+        return self.sinks + sum(w * 2 ** i for i, w in enumerate(sizes))
+
     @property
     def span(self) -> int | None:
-        """About how many tokens of history the cache spans: S + w * (2**C - 1)."""
+        """About how many tokens of history the cache spans: S + sum_i w_i 2**i (equal sizes: S + w (2**C - 1))."""
         if self.policy == "full":
             return None
-        return self.sinks + self.cascade_slots * (2 ** self.effective_cascades - 1)
+        return self._span(self.sizes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,17 +188,34 @@ class Tokens:
 
 @dataclass
 class LevelPlan:
-    """What happens to one cascade during one chunk; identical for every layer and head."""
+    """What happens to one cascade during one chunk; identical for every layer and head.
+
+    Candidates of the contests are [the incumbent block's tokens (when leading offers contest it)]
+    + the offers after the `n_fill` leading ones; they form blocks of `block` tokens (the last
+    offered block of cascade 0 may be shorter); blocks form groups; each group's best block wins.
+    """
 
     base: int  # first physical slot of this cascade
-    capacity: int  # w
-    incumbent: int | None  # physical slot of the newest resident, if leading offers contest it
-    group: torch.Tensor  # [candidates] group id of each candidate ([incumbent] + offers)
+    capacity: int  # w slots (a multiple of the block)
+    n_fill: int  # leading offers that complete cascade 0's newest, unfinished block (no contest)
+    fill_slot: torch.Tensor  # [n_fill] their physical slots
+    incumbent: torch.Tensor | None  # [block] physical slots of the newest resident block, if contested
+    cand_block: torch.Tensor  # [candidates] block id of each candidate token
+    block_start: torch.Tensor  # [blocks + 1] first candidate of each block (and the end)
+    block_group: torch.Tensor  # [blocks] non-decreasing group id of each candidate block
     n_groups: int
+    win_group: torch.Tensor  # [winner tokens] group of each winner token, the incumbent's group first
+    win_offset: torch.Tensor  # [winner tokens] its place inside the winning block
     evict_resident: torch.Tensor  # [e1] physical slots evicted, oldest first
-    evict_new: torch.Tensor  # [e2] indices of accepted winners evicted within this chunk
-    write_new: torch.Tensor  # [k] indices of accepted winners that stay
+    evict_new: torch.Tensor  # [e2] indices of accepted winner tokens evicted within this chunk
+    write_new: torch.Tensor  # [k] indices of accepted winner tokens that stay
     write_slot: torch.Tensor  # [k] their physical slots
+    count: int  # filled slots after this chunk
+    head: int  # physical slot (within the cascade) of the oldest token after this chunk
+
+    @property
+    def n_incumbent(self) -> int:
+        return 0 if self.incumbent is None else len(self.incumbent)
 
 
 @dataclass
@@ -215,12 +296,16 @@ class KVCache:
 
 
 class CascadeCache(KVCache):
-    """Sinks + C cascades of w slots; cascade i keeps about one token per 2**i, the score winner."""
+    """Sinks + C cascades; cascade i keeps about one block of tokens per 2**i blocks, the score winner.
+
+    The rule, one token at a time, is `engine.push_rule.OracleCascade` (read that first); `plan` and
+    `push` do the same for a whole chunk at once, vectorised, and must agree with it token for token.
+    """
 
     def __init__(self, config: CacheConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        self.cascades = config.effective_cascades
-        self.w = config.cascade_slots
+        self.sizes, self.block = self.layout(config)
+        self.cascades = len(self.sizes)
         slots = config.sinks + config.window
         shape = (self.batch, self.kv_heads, slots)
         self.keys = [torch.zeros(*shape, self.head_dim, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
@@ -229,6 +314,11 @@ class CascadeCache(KVCache):
         self.pos = [torch.full(shape, -1, dtype=torch.int64, device=self.device) for _ in range(self.n_layers)]
         self.count = [0] * self.cascades  # filled slots per cascade
         self.head = [0] * self.cascades  # physical index (within the cascade) of its oldest slot
+
+    @staticmethod
+    def layout(config: CacheConfig) -> tuple[list[int], int]:
+        """Slots of each cascade and the block (tokens that move as one)."""
+        return config.sizes, config.block
 
     @property
     def n_sinks(self) -> int:
@@ -239,7 +329,7 @@ class CascadeCache(KVCache):
         return self.n_sinks + sum(self.count)
 
     def cascade_base(self, i: int) -> int:
-        return self.config.sinks + i * self.w
+        return self.config.sinks + sum(self.sizes[:i])
 
     def slot_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """In-cache position of every physical slot: sinks, then oldest cascade first, by age."""
@@ -250,70 +340,105 @@ class CascadeCache(KVCache):
         valid[: self.n_sinks] = True
         offset = self.n_sinks
         for i in reversed(range(self.cascades)):
-            c, h, base = self.count[i], self.head[i], self.cascade_base(i)
-            physical = (h + torch.arange(c)) % self.w  # age rank r lives at physical (h + r) % w
+            c, h, w, base = self.count[i], self.head[i], self.sizes[i], self.cascade_base(i)
+            physical = (h + torch.arange(c)) % w  # age rank r lives at physical (h + r) % w
             pos[base + physical] = offset + torch.arange(c)
             valid[base + physical] = True
             offset += c
         return pos.to(self.device), valid.to(self.device)
 
     def plan(self, length: int) -> ChunkPlan:
-        S, W = self.config.sinks, self.config.window
+        S, b = self.config.sinks, self.block
         cache_pos, cache_valid = self.slot_positions()
         original = torch.arange(self.seen, self.seen + length)
         n_sink_new = max(0, min(S - self.seen, length))
         plan = ChunkPlan(length=length, cache_pos=cache_pos, cache_valid=cache_valid,
                          chunk_pos=(self.n_valid + torch.arange(length)).to(self.device),
                          original_pos=original.to(self.device), n_sink_new=n_sink_new)
-        # offers to cascade 0: every non-sink token of the chunk, at its time t (counted after sinks)
+        # offers to cascade 0: every non-sink token of the chunk, at its time t (counted after sinks);
+        # the first ones may complete the newest block, the rest start new blocks at t % block == 0
         times = original[n_sink_new:] - S
+        n_fill = min(len(times), -int(times[0]) % b) if len(times) else 0
+        starts = torch.arange(0, len(times) - n_fill, b)
+        lengths = (len(times) - n_fill - starts).clamp(max=b)
+        block_times = times[n_fill + starts]
         for i in range(self.cascades):
-            c, h, w = self.count[i], self.head[i], self.w
-            # eager fill: until the cache is full for the first time (t < W), every cascade accepts
-            accept = (times < W) | (times % (2 ** i) == 0)
-            if c == 0 and len(times):
-                accept[0] = True  # an empty cascade takes whatever it is offered
-            leading = bool(len(times)) and not bool(accept[0])
-            group = torch.cumsum(accept.long(), 0) - 1 + int(leading)
-            if leading:
-                group = torch.cat((torch.zeros(1, dtype=torch.long), group))
-            accepted_times = times[accept]
-            n_new = len(accepted_times)
-            n_evict = max(0, c + n_new - w)
-            n_evict_resident = min(c, n_evict)
-            evict_resident = (h + torch.arange(n_evict_resident)) % w
-            evict_new = torch.arange(n_evict - n_evict_resident)
-            # the j-th evicted token leaves when the (j + w - c)-th accepted winner is written
-            evict_times = accepted_times[torch.arange(n_evict) + w - c] if n_evict else accepted_times[:0]
-            keep = min(n_new, w)
-            write_new = torch.arange(n_new - keep, n_new)
-            write_slot = (h + c + write_new) % w
-            plan.levels.append(LevelPlan(
-                base=self.cascade_base(i), capacity=w,
-                incumbent=((h + c - 1) % w) if leading else None,
-                group=group.to(self.device), n_groups=n_new + int(leading),
-                evict_resident=evict_resident.to(self.device), evict_new=evict_new.to(self.device),
-                write_new=write_new.to(self.device), write_slot=write_slot.to(self.device)))
-            times = evict_times  # what cascade i evicts is offered to cascade i + 1 at those times
+            lv, block_times = self._plan_level(i, n_fill, block_times, lengths)
+            plan.levels.append(lv)
+            n_fill, lengths = 0, torch.full_like(block_times, b)  # cascade i evicts whole blocks
         return plan
 
-    def push(self, layer, plan, keys, values, cache_score, chunk_score):
+    def _plan_level(self, i: int, n_fill: int, times: torch.Tensor, lengths: torch.Tensor):
+        """One cascade's part of the plan. times/lengths: [offered blocks] the time each block is
+        offered at and its tokens. Returns the LevelPlan and the times of the blocks it evicts."""
+        b, W, dev = self.block, self.config.window, self.device
+        c, h, w = self.count[i], self.head[i], self.sizes[i]
+        fill_slot = (h + c + torch.arange(n_fill)) % w
+        c += n_fill
+        blocks_held, blocks_max = -(-c // b), w // b
+        # eager fill: until the cache is full for the first time (t < W), every cascade accepts
+        accept = (times < W) | ((times // b) % (2 ** i) == 0)
+        if blocks_held == 0 and len(times):
+            accept[0] = True  # an empty cascade takes whatever it is offered
+        leading = bool(len(times)) and not bool(accept[0])
+        n_inc = b if leading else 0  # the incumbent (the newest resident block) is whole past cascade 0
+        group = torch.cumsum(accept.long(), 0) - 1 + int(leading)
+        block_start = n_inc + torch.cat((torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)))
+        group_len = lengths[accept]
+        if leading:
+            group = torch.cat((torch.zeros(1, dtype=torch.long), group))
+            block_start = torch.cat((torch.zeros(1, dtype=torch.long), block_start))
+            group_len = torch.cat((torch.tensor([b]), group_len))
+        n_groups = len(group_len)
+        win_group = torch.repeat_interleave(torch.arange(n_groups), group_len)
+        win_offset = torch.arange(len(win_group)) - torch.repeat_interleave(torch.cumsum(group_len, 0) - group_len,
+                                                                             group_len)
+        cand_block = torch.repeat_interleave(torch.arange(len(block_start) - 1), torch.diff(block_start))
+        accepted_times, accepted_len = times[accept], lengths[accept]
+        n_new, n_new_tokens = len(accepted_times), int(accepted_len.sum())
+        n_evict = max(0, blocks_held + n_new - blocks_max)
+        n_evict_resident = min(blocks_held, n_evict)
+        # the j-th evicted block leaves when the (j + blocks_max - blocks_held)-th accepted block is written
+        evict_times = accepted_times[torch.arange(n_evict) + blocks_max - blocks_held]
+        keep = min(n_new, blocks_max)
+        write_new = torch.arange((n_new - keep) * b, n_new_tokens)  # every accepted block but the last is whole
+        if n_new:
+            count, head = (min(blocks_max, blocks_held + n_new) - 1) * b + int(accepted_len[-1]), (h + n_evict * b) % w
+        else:
+            count, head = c, h
+        lv = LevelPlan(
+            base=self.cascade_base(i), capacity=w, n_fill=n_fill, fill_slot=fill_slot.to(dev),
+            incumbent=((h + (blocks_held - 1) * b + torch.arange(b)) % w).to(dev) if leading else None,
+            cand_block=cand_block.to(dev), block_start=block_start.to(dev), block_group=group.to(dev),
+            n_groups=n_groups, win_group=win_group.to(dev), win_offset=win_offset.to(dev),
+            evict_resident=((h + torch.arange(n_evict_resident * b)) % w).to(dev),
+            evict_new=torch.arange((n_evict - n_evict_resident) * b).to(dev),
+            write_new=write_new.to(dev), write_slot=((h + blocks_held * b + write_new) % w).to(dev),
+            count=count, head=head)
+        return lv, evict_times
+
+    def start_push(self, layer: int, plan: ChunkPlan, keys: torch.Tensor, values: torch.Tensor,
+                   cache_score: torch.Tensor | None, chunk_score: torch.Tensor | None) -> Tokens:
+        """What every push path does first: decay and add the residents' scores, store new sinks.
+        Returns the chunk's other tokens, the offers to cascade 0 (head_dim-contiguous keys/values)."""
         L, S = plan.length, self.config.sinks
-        score = self.score[layer]
         if cache_score is not None:  # EMA over the chunk: s = beta**L * s + sum_t beta**(L-1-t) a_t
+            score = self.score[layer]
             score[..., S:] = score[..., S:] * (self.config.beta ** L) + cache_score[..., S:]
         if chunk_score is None:
             chunk_score = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
         pos = plan.original_pos.expand(self.batch, self.kv_heads, L)
-        incoming = Tokens(keys, values, chunk_score, pos)
         k = plan.n_sink_new
         if k:
             sink_slots = plan.original_pos[:k]
             for store, src in ((self.keys, keys), (self.values, values), (self.pos, pos)):
                 store[layer][:, :, sink_slots] = src[:, :, :k]
-        offers = incoming.select(torch.arange(k, L, device=keys.device))
-        for lv in plan.levels:
-            offers = self._push_level(layer, lv, offers)
+        keys, values = keys[:, :, k:], values[:, :, k:]
+        if keys.stride(-1) != 1:
+            keys = keys.contiguous()
+        if values.stride(-1) != 1:
+            values = values.contiguous()
+        return Tokens(keys, values, chunk_score[:, :, k:], pos[:, :, k:])
 
     def layers_as_batch(self) -> "CascadeCache":
         """All layers as the batch rows of one layer: a copy of the storage, to push every layer at once.
@@ -336,35 +461,47 @@ class CascadeCache(KVCache):
             for mine, theirs in zip(getattr(self, name), getattr(stacked, name)[0].split(self.batch)):
                 mine.copy_(theirs)
 
-    def _push_level(self, layer: int, lv: LevelPlan, offers: Tokens) -> Tokens:
-        """Resolve contests, ring-write accepted winners, return evicted tokens (oldest first)."""
+    def level_view(self, layer: int, lv: LevelPlan) -> Tokens:
+        """One cascade's slots of a layer, as views into the storage."""
         sl = slice(lv.base, lv.base + lv.capacity)
-        level = Tokens(self.keys[layer][:, :, sl], self.values[layer][:, :, sl],
-                       self.score[layer][:, :, sl], self.pos[layer][:, :, sl])  # views into storage
-        if lv.incumbent is not None:
-            offers = Tokens.cat([level.select(torch.tensor([lv.incumbent], device=offers.score.device)), offers])
-        winners = offers.take(last_argmax_per_group(offers.score, lv.group, lv.n_groups))
-        if lv.incumbent is not None:  # the newest resident's contest is settled in place
-            self._write(level, torch.tensor([lv.incumbent], device=winners.score.device),
-                        winners.select(torch.zeros(1, dtype=torch.long, device=winners.score.device)))
-            winners = winners.select(torch.arange(1, len(winners), device=winners.score.device))
-        evicted = Tokens.cat([level.select(lv.evict_resident), winners.select(lv.evict_new)])
-        self._write(level, lv.write_slot, winners.select(lv.write_new))
-        return evicted
+        return Tokens(self.keys[layer][:, :, sl], self.values[layer][:, :, sl],
+                      self.score[layer][:, :, sl], self.pos[layer][:, :, sl])
 
     @staticmethod
-    def _write(level: Tokens, slots: torch.Tensor, tokens: Tokens) -> None:
-        for dst, src in ((level.keys, tokens.keys), (level.values, tokens.values),
-                         (level.score, tokens.score), (level.pos, tokens.pos)):
-            dst.index_copy_(2, slots, src)
+    def fill(level: Tokens, lv: LevelPlan, offers: Tokens) -> Tokens:
+        """Write the offers that complete the newest block (cascade 0); return the others."""
+        if not lv.n_fill:
+            return offers
+        dev = offers.score.device
+        write(level, lv.fill_slot, offers.select(torch.arange(lv.n_fill, device=dev)))
+        return offers.select(torch.arange(lv.n_fill, len(offers), device=dev))
+
+    def push(self, layer, plan, keys, values, cache_score, chunk_score):
+        offers = self.start_push(layer, plan, keys, values, cache_score, chunk_score)
+        for lv in plan.levels:
+            offers = self._push_level(self.level_view(layer, lv), lv, offers)
+
+    def _push_level(self, level: Tokens, lv: LevelPlan, offers: Tokens) -> Tokens:
+        """Resolve contests, ring-write accepted winners, return evicted tokens (oldest first)."""
+        offers = self.fill(level, lv, offers)
+        if lv.incumbent is not None:
+            offers = Tokens.cat([level.select(lv.incumbent), offers])
+        winner = last_argmax_per_group(block_scores(offers.score, lv), lv.block_group, lv.n_groups)
+        b, h, _ = winner.shape
+        # every token of a winning block: its block's first candidate + its place in the block
+        first = lv.block_start[winner.gather(2, lv.win_group.expand(b, h, -1))]  # [batch, kv_heads, winner tokens]
+        winners = offers.take(first + lv.win_offset)
+        if lv.incumbent is not None:  # the newest resident block's contest is settled in place
+            dev = winners.score.device
+            write(level, lv.incumbent, winners.select(torch.arange(lv.n_incumbent, device=dev)))
+            winners = winners.select(torch.arange(lv.n_incumbent, len(winners), device=dev))
+        evicted = Tokens.cat([level.select(lv.evict_resident), winners.select(lv.evict_new)])
+        write(level, lv.write_slot, winners.select(lv.write_new))
+        return evicted
 
     def commit(self, plan: ChunkPlan) -> None:
         for i, lv in enumerate(plan.levels):
-            n_new = lv.n_groups - int(lv.incumbent is not None)
-            c = self.count[i]
-            if c + n_new >= self.w:
-                self.head[i] = (self.head[i] + c + n_new) % self.w
-            self.count[i] = min(self.w, c + n_new)
+            self.count[i], self.head[i] = lv.count, lv.head
         self.seen += plan.length
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -385,11 +522,37 @@ class CascadeCache(KVCache):
     def cascade_of_slot(self) -> torch.Tensor:
         """-1 for sinks, i for slots of cascade i. # [slots]"""
         S = self.config.sinks
-        return torch.cat((torch.full((S,), -1), torch.arange(self.cascades).repeat_interleave(self.w)))
+        return torch.cat((torch.full((S,), -1), torch.arange(self.cascades).repeat_interleave(torch.tensor(self.sizes))))
 
 
 class SinkCache(CascadeCache):
-    """StreamingLLM: sinks + one sliding window (a cascade cache with C = 1)."""
+    """StreamingLLM: sinks + one sliding window of single tokens, oldest out first.
+
+    The same ring as cascade 0 of a CascadeCache, whatever the config's cascades, block and sizes say.
+    Nothing here ever compares scores, so attention does not compute them (`scored = False`)."""
+
+    scored = False
+
+    @staticmethod
+    def layout(config: CacheConfig) -> tuple[list[int], int]:
+        return [config.window], 1
+
+
+def write(level: Tokens, slots: torch.Tensor, tokens: Tokens) -> None:
+    """level[slots] = tokens, for keys, values, scores and positions (in place)."""
+    for dst, src in ((level.keys, tokens.keys), (level.values, tokens.values),
+                     (level.score, tokens.score), (level.pos, tokens.pos)):
+        dst.index_copy_(2, slots, src)
+
+
+def block_scores(score: torch.Tensor, lv: LevelPlan) -> torch.Tensor:
+    """A block's score is the highest of its tokens'. score: [batch, kv_heads, candidates] -> [.., blocks]"""
+    n_blocks = len(lv.block_group)
+    if n_blocks == score.shape[2]:  # blocks of one token
+        return score
+    b, h, n = score.shape
+    best = torch.full((b, h, n_blocks), float("-inf"), dtype=score.dtype, device=score.device)
+    return best.scatter_reduce(2, lv.cand_block.expand(b, h, n), score, reduce="amax", include_self=True)
 
 
 class FullCache(KVCache):

@@ -36,6 +36,7 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
                    help="cascades, or auto (default): the fewest whose span covers the document")
     p.add_argument("--sinks", type=int, default=d.sinks)
     p.add_argument("--beta", type=float, default=d.beta, help="EMA factor of attention scores")
+    add_layout_options(p)
     p.add_argument("--stride", type=int, default=512, help="tokens per chunk while reading")
     p.add_argument("--rope", choices=["cache", "original"], default=d.rope,
                    help="RoPE positions: inside the cache (default) or original stream positions (ablation)")
@@ -48,6 +49,20 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default="auto",
                    help="CPU threads for the model: auto (default: measured now and every 10 s, so a busy "
                         "computer does not stall the read) or a number")
+
+
+def add_layout_options(p: argparse.ArgumentParser, default_block: int | None = None,
+                       default_sizes: str | None = None) -> None:
+    """--block and --cascade-sizes (engine.cache.CacheConfig; engine/push_rule.py states the rule)."""
+    from .cache import CacheConfig
+
+    d = CacheConfig()
+    p.add_argument("--block", type=int, default=d.block if default_block is None else default_block,
+                   help=f"tokens that move through the cascades as one; contests are between blocks "
+                        f"(1: the paper's token contests; default {d.block})")
+    p.add_argument("--cascade-sizes", default=d.cascade_sizes if default_sizes is None else default_sizes,
+                   help="slots per cascade: equal, half (cascade 0, the newest tokens, gets half the window) "
+                        "or a list like 512,256,256,256 adding up to the window")
 
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
@@ -81,7 +96,7 @@ def cache_config(args):
     from .cache import CacheConfig
 
     return CacheConfig(policy=args.policy, sinks=args.sinks, window=args.window, cascades=args.cascades,
-                       beta=args.beta, rope=args.rope)
+                       beta=args.beta, rope=args.rope, block=args.block, cascade_sizes=args.cascade_sizes)
 
 
 def load(args, say):
@@ -123,7 +138,8 @@ def open_session(args, read: bool = True):
         return session
     bar = reading_bar(args, session, document)
     try:
-        session.read(document, progress=bar.progress, total_tokens=bar.doc_tokens)
+        session.read(document, progress=bar.progress, total_tokens=bar.doc_tokens,
+                     focus=args.question if getattr(args, "focus", False) else None)
     finally:
         bar.close()
     if args.save:
@@ -283,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("doc", nargs="?", help="txt, md, pdf, epub, srt or vtt file")
         if name == "ask":
             p.add_argument("--question", "-q", required=True)
+            p.add_argument("--focus", action="store_true",
+                           help="read with the question in view: its attention joins the scores that decide "
+                                "what the cascade keeps (the question itself is never stored)")
         else:
             p.add_argument("--mode", choices=["cache", "sections"], default="cache")
         add_cache_options(p)

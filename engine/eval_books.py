@@ -13,7 +13,6 @@ a recalled passage overlaps a verse that holds the answer. Resumable like every 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .evaluate import Results, _plt, _say, _settings, qa_defaults
+from .evaluate import Results, _plt, _say, _settings, qa_defaults, wilson
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "assets" / "eval" / "books_qa.json"
 
@@ -77,17 +76,6 @@ def hits(ranges, gold: list[tuple[int, int]]) -> bool:
 
 def char_ranges(passages) -> list[tuple[int, int]]:
     return [(p.char_start, p.char_end) for p in passages]
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    """95% Wilson interval of a proportion k/n."""
-    if n == 0:
-        return (0.0, 0.0)
-    z, p = 1.96, k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def no_document_answer(session, question: str, max_new_tokens: int) -> str:

@@ -22,12 +22,18 @@ import numpy as np
 import torch
 
 from .cache import POLICIES, CacheConfig
-from .cli import cascades_arg
+from .cli import add_layout_options, cascades_arg
 from .errors import UserError
 
 FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
                     "There and back again.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+# the paper's form (their passkey set): a marked block that states the key six times, in two lines
+NEEDLE_REPEATED = ("=== IMPORTANT INFORMATION BEGINS ===\nTHE PASS KEY! The pass key is {key}. {key} is the pass key. "
+                   "**the pass key is {key}** REMEMBER THE PASS KEY\nONCE MORE:\nTHE PASS KEY! The pass key is {key}. "
+                   "{key} is the pass key. **the pass key is {key}** REMEMBER THE PASS KEY\n"
+                   "=== IMPORTANT INFORMATION ENDS ===")
+NEEDLES = {"ours": NEEDLE, "repeated": NEEDLE_REPEATED}
 PASSKEY_QUESTION = "What is the pass key?"
 PASSKEY_ANSWER_PREFIX = "The pass key is"
 DEPTH_BANDS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]
@@ -49,9 +55,11 @@ def add_arguments(parser) -> None:
         p.add_argument("--window", type=int, default=None if qa else 512 if name == "ppl" else 256,
                        help="non-sink slots per layer (cascade and sink get the same budget)")
         p.add_argument("--sinks", type=int, default=64)
-        p.add_argument("--cascades", type=cascades_arg, default=None if qa else 4, help="an integer or auto")
+        p.add_argument("--cascades", type=cascades_arg, default=None if qa else "auto" if name == "passkey" else 4,
+                       help="an integer or auto (passkey's default: the span covers each case's prompt)")
         p.add_argument("--stride", type=int, default=None if qa else 256, help="chunk length for reading")
         p.add_argument("--beta", type=float, default=None, help="score EMA factor (default: the cache's, 0.9999)")
+        add_layout_options(p)
         p.add_argument("--head-reduce", choices=["max", "mean"], default=None,
                        help="how a GQA group's query heads combine into one score (default: max)")
         p.add_argument("--out", default="results/eval", help="folder for the .jsonl/.json/.png/.md files")
@@ -59,9 +67,14 @@ def add_arguments(parser) -> None:
         if name == "passkey":
             p.add_argument("--prompt", choices=["chat", "plain"], default="plain",
                            help="prompt format (plain works much better for passkey with tiny models)")
-            p.add_argument("--lengths-x", type=float, nargs="+", default=[1, 2, 4, 8, 16],
-                           help="haystack lengths as multiples of the cache size (sinks + window)")
-            p.add_argument("--samples", type=int, default=1, help="samples per (length, depth band)")
+            p.add_argument("--lengths-x", type=float, nargs="+", default=[1, 4, 16],
+                           help="prompt lengths (prefix + haystack + question + answer) as multiples of the cache "
+                                "size (sinks + window): at 1x everything fits the cache")
+            p.add_argument("--samples", type=int, default=4, help="samples per (length, depth band)")
+            p.add_argument("--focus", action="store_true",
+                           help="the question's rows join every chunk's attention scores while reading (never pushed)")
+            p.add_argument("--needle", choices=list(NEEDLES), default="ours",
+                           help="ours: the key twice in one sentence; repeated: the paper's marked block, key x6")
             p.add_argument("--haystack", choices=["filler", "kjv"], default="filler",
                            help="repeated 'The grass is green...' filler, or KJV verses")
             p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the answer")
@@ -103,8 +116,8 @@ def add_arguments(parser) -> None:
 def _check_args(args) -> None:
     if args.window < 1 or args.sinks < 0 or args.stride < 1 or (args.cascades != "auto" and args.cascades < 1):
         raise UserError("window, cascades and stride must be >= 1 and sinks >= 0")
-    if args.cascades != "auto" and args.window % args.cascades:
-        raise UserError(f"window ({args.window}) must be divisible by cascades ({args.cascades})")
+    for policy in args.policies:
+        _config(args, policy)  # the cache options themselves (sizes, blocks) fail here, in one line
     if any(x <= 0 for x in getattr(args, "lengths_x", [1])):
         raise UserError("--lengths-x must be positive")
     if getattr(args, "samples", 1) < 1:
@@ -151,7 +164,7 @@ class Results:
 
     def matching(self, settings: dict) -> list[dict]:
         """Rows whose case agrees with every given setting."""
-        keys = set(settings) | {"beta", "head_reduce", "recall"}  # an ablation row never counts as a default one
+        keys = set(settings) | {"beta", "head_reduce", "recall", "focus"}  # an ablation row never counts as a default one
         return [r for r in self.rows if all(r["case"].get(k) == settings.get(k) for k in keys)]
 
 
@@ -162,7 +175,8 @@ def _ablation(args) -> dict:
 
 
 def _config(args, policy: str) -> CacheConfig:
-    return CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades, **_ablation(args))
+    return CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades,
+                       block=args.block, cascade_sizes=args.cascade_sizes, **_ablation(args))
 
 
 def _settings(args, loaded, task: str, **extra) -> dict:
@@ -173,14 +187,22 @@ def _settings(args, loaded, task: str, **extra) -> dict:
 
 
 def _policy_fields(args, policy: str) -> dict:
-    # cascades only matter to the cascade policy; sink is the same cache with one cascade
-    return {"policy": policy, "cascades": {"cascade": args.cascades, "sink": 1}.get(policy)}
+    """The case fields of one policy. Cascades, block and sizes only matter to the cascade policy (sink is
+    one window); block and sizes join the key only when not the defaults, so older rows stay comparable."""
+    fields = {"policy": policy, "cascades": {"cascade": args.cascades, "sink": 1}.get(policy)}
+    if policy == "cascade":
+        default = CacheConfig()
+        fields.update({k: getattr(args, k) for k in ("block", "cascade_sizes") if getattr(args, k) != getattr(default, k)})
+    return fields
 
 
 def _for_run(rows: list[dict], args) -> list[dict]:
-    """Rows of the policies asked for; cascade rows only with this run's number of cascades."""
+    """Rows of the policies asked for; cascade rows only with this run's cascades, block and sizes."""
+    default = CacheConfig()
+    want = _policy_fields(args, "cascade")
     return [r for r in rows if r["case"]["policy"] in args.policies
-            and (r["case"]["policy"] != "cascade" or r["case"]["cascades"] == args.cascades)]
+            and (r["case"]["policy"] != "cascade"
+                 or all(r["case"].get(k, getattr(default, k)) == v for k, v in want.items()))]
 
 
 def _fits(loaded, policy: str, total_tokens: int) -> bool:
@@ -212,6 +234,17 @@ def needle_retention(cache, positions: list[int]) -> float:
         pos = part.original_positions(layer)  # [batch, kv_heads, slots]
         shares.append((pos[..., None] == target).any(dim=2).float().mean().item())
     return float(np.mean(shares))
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 0.0)
+    z, p = 1.96, k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def _say(msg: str) -> None:
@@ -248,7 +281,8 @@ def haystack_units(tokenizer, kind: str = "filler") -> list[list[int]]:
 
 
 def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: str, haystack: str = "filler",
-                   units: list[list[int]] | None = None, start: int = 0) -> tuple[list[int], int, int]:
+                   units: list[list[int]] | None = None, start: int = 0,
+                   needle: str = "ours") -> tuple[list[int], int, int]:
     """A haystack of n_tokens (needle included) with the needle at relative `depth`.
 
     The needle goes between two units (sentences / verses), at the boundary nearest to the
@@ -256,8 +290,8 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: str, haystack: s
     """
     units = units or haystack_units(tokenizer, haystack)
     sep = " " if haystack == "filler" else "\n"
-    needle = tokenizer(sep + NEEDLE.format(key=key), add_special_tokens=False).input_ids
-    body = max(0, n_tokens - len(needle))
+    needle_ids = tokenizer(sep + NEEDLES[needle].format(key=key), add_special_tokens=False).input_ids
+    body = max(0, n_tokens - len(needle_ids))
     hay, bounds, i = [], [0], start
     while len(hay) < body:
         hay.extend(units[i % len(units)])
@@ -267,7 +301,7 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: str, haystack: s
     bounds = [b for b in bounds if b <= body]
     target = depth * body
     at = min(bounds, key=lambda b: abs(b - target))
-    return hay[:at] + needle + hay[at:], at, len(needle)
+    return hay[:at] + needle_ids + hay[at:], at, len(needle_ids)
 
 
 def digits_score(answer: str, key: str) -> tuple[bool, float]:
@@ -287,6 +321,8 @@ def passkey_draw(seed: int, length: int, band: int, sample: int) -> tuple[float,
 
 
 def run_passkey(args) -> dict:
+    """Each case's prompt (prefix + haystack + question + answer) is `length` tokens, so at 1x all of it
+    fits the cache; retention is measured when the first answer token is predicted."""
     from . import models
     from .prompts import prompt_format
     from .runtime import Engine
@@ -302,39 +338,53 @@ def run_passkey(args) -> dict:
     stops = _stops(tok)
     budget = args.sinks + args.window
     settings = _settings(args, loaded, "passkey", prompt=args.prompt, haystack=args.haystack,
-                         new_tokens=args.new_tokens)
+                         new_tokens=args.new_tokens, needle=args.needle, protocol=2,
+                         **({"focus": True} if args.focus else {}))
     results = Results(Path(args.out) / "passkey.jsonl")
     lengths = sorted({max(32, round(budget * x)) for x in args.lengths_x})
+    overhead = len(prefix) + len(question) + args.new_tokens
+    if lengths[0] - overhead < 32:
+        raise UserError(f"the shortest prompt ({lengths[0]} tokens) leaves no room for a haystack after "
+                        f"{overhead} tokens of prefix, question and answer")
+    engines: dict = {}
     for policy in args.policies:
-        engine = None
         for length in lengths:
+            config = _config(args, policy).resolve(length)  # cascades auto: the span covers the prompt
             for band in range(len(DEPTH_BANDS)):
                 for s in range(args.samples):
                     case = {**settings, **_policy_fields(args, policy), "length": length, "band": band, "sample": s}
                     if results.has(case):
                         continue
-                    if not _fits(loaded, policy, len(prefix) + length + len(question) + args.new_tokens):
+                    if not _fits(loaded, policy, length):
                         continue
-                    engine = engine or Engine(loaded, _config(args, policy), stride=args.stride)
+                    if config not in engines:
+                        engines[config] = Engine(loaded, config, stride=args.stride)
+                    engine = engines[config]
                     depth, key, offset = passkey_draw(args.seed, length, band, s)
-                    hay, at, n_needle = passkey_prompt(tok, length, depth, key, args.haystack, units, offset)
+                    hay, at, n_needle = passkey_prompt(tok, length - overhead, depth, key, args.haystack, units,
+                                                       offset, args.needle)
                     digit_pos = [len(prefix) + at + i for i, t in enumerate(hay[at:at + n_needle])
                                  if any(ch.isdigit() for ch in tok.decode([t]))]
                     cache = engine.new_cache()
                     t0 = time.perf_counter()
-                    engine.read([prefix + hay], cache)
-                    kept = needle_retention(cache, digit_pos)
-                    out = list(engine.generate(cache, question, max_new_tokens=args.new_tokens, stop_ids=stops))
+                    engine.read([prefix + hay], cache, focus=question if args.focus else None)
+                    kept_read = needle_retention(cache, digit_pos)
+                    kept = []  # at the first answer token: the question has been read too
+                    out = list(engine.generate(cache, question, max_new_tokens=args.new_tokens, stop_ids=stops,
+                                               after_prompt=lambda: kept.append(needle_retention(cache, digit_pos))))
                     answer = tok.decode(out, skip_special_tokens=True)
                     exact, per_digit = digits_score(answer, key)
                     results.add(case, {"key": key, "depth": at / max(1, len(hay) - n_needle),
                                        "needle_from_end": len(hay) - at, "answer": answer, "exact": exact,
-                                       "per_digit": per_digit, "needle_kept": kept,
-                                       "seconds": time.perf_counter() - t0})
+                                       "per_digit": per_digit, "needle_kept": kept[0], "needle_kept_read": kept_read,
+                                       "cascades_used": config.effective_cascades if policy != "full" else None,
+                                       "span": config.span, "seconds": time.perf_counter() - t0})
                     _say(f"passkey {policy} {length} tok band {band}: {answer.strip()!r} "
-                         f"({'ok' if exact else 'miss'}, needle digits kept {kept:.2f})")
+                         f"({'ok' if exact else 'miss'}, needle digits kept {kept[0]:.2f})")
     rows = _for_run(results.matching(settings), args)
-    return summarize_passkey(rows, Path(args.out), loaded.model_id, {**settings, "cascades": args.cascades})
+    return summarize_passkey(rows, Path(args.out), loaded.model_id,
+                             {**settings, "cascades": args.cascades, "block": args.block,
+                              "cascade_sizes": args.cascade_sizes})
 
 
 def passkey_table(rows: list[dict]) -> dict:
@@ -380,17 +430,24 @@ def summarize_passkey(rows: list[dict], out: Path, model_id: str, settings: dict
     rule = "|---|" + "---|" * len(lengths)
     n_samples = max((v["n"] for v in table.values()), default=0)
     md = [(f"Passkey retrieval, {model_id} ({settings['dtype']}, {settings['prompt']} prompt, "
-          f"{settings['haystack']} haystack): cache {settings['sinks']} sinks + {settings['window']} window "
-          f"(cascade: {settings.get('cascades', '?')} cascades), stride {settings['stride']}, "
+          f"{settings['haystack']} haystack, needle {settings.get('needle', 'ours')}; prompt length = haystack + "
+          f"prefix + question + answer): cache {settings['sinks']} sinks + {settings['window']} window "
+          f"(cascade: {settings.get('cascades', '?')} cascades, block {settings.get('block', 1)}, sizes "
+          f"{settings.get('cascade_sizes', 'equal')}), stride {settings['stride']}, "
           f"{len(DEPTH_BANDS)} depth bands x {n_samples} sample(s) per length."), "",
-          "Exact match (mean per-digit accuracy):", "", head, rule]
+          "Exact match [95% Wilson interval] (mean per-digit accuracy), n cases per cell:", "", head, rule]
     for p in policies:
         cells = []
         for n in lengths:
-            e, _ = mean(p, n, "exact")
-            cells.append(f"{e:.2f} ({mean(p, n, 'per_digit')[0]:.2f})" if e is not None else "-")
+            hits = [bool(r["exact"]) for r in rows if r["case"]["policy"] == p and r["case"]["length"] == n]
+            if not hits:
+                cells.append("-")
+                continue
+            lo, hi = wilson(sum(hits), len(hits))
+            cells.append(f"{sum(hits) / len(hits):.2f} [{lo:.2f}-{hi:.2f}] ({mean(p, n, 'per_digit')[0]:.2f}), "
+                         f"n={len(hits)}")
         md.append(f"| {p} | " + " | ".join(cells) + " |")
-    md += ["", ("Share of the key's digit tokens still in the cache when the question is asked "
+    md += ["", ("Share of the key's digit tokens still in the cache when the first answer token is predicted "
            "(mean over layers, KV heads, depth bands):"), "", head, rule]
     for p in policies:
         if p == "full":

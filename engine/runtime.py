@@ -117,6 +117,10 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         *attend[:3], part.plan.cache_valid, *attend[3:], scaling or module.scaling,
         weights=part.weights, head_reduce=part.cache.config.head_reduce, bias=part.bias,
         window_bias=part.window_bias)
+    n = part.plan.length  # rows past it are focus rows (Engine.forward): they add to scores, never stay
+    if chunk_score is not None:
+        chunk_score = chunk_score[..., :n]
+    key, value = key[:, :, :n], value[:, :, :n]
     if isinstance(part.cache, CascadeCache):  # pushed with the other layers after the forward
         part.pending[layer] = (key, value, cache_score, chunk_score)
     else:
@@ -203,24 +207,34 @@ class Engine:
         return make_cache(self.config, self.model.config, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "none") -> torch.Tensor | None:
+    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "none",
+                focus: list[int] | None = None) -> torch.Tensor | None:
         """Run one chunk through the model and push it into the cache.
 
         ids: [1, L]; logits: "none" (reading), "last" (next-token), or "all" (perplexity).
+        focus: token ids of a question known before reading (--focus). They follow the chunk as extra
+        query rows, so their attention joins the scores the cascade contests use (SnapKV-style), but
+        their keys are never pushed: the cache holds the document only.
         """
         threads.tick()  # --threads auto: re-measure the best thread count when a check is due
         length = ids.shape[1]
+        extra = len(focus) if focus else 0
+        if extra:
+            ids = torch.cat((ids, torch.tensor([focus])), dim=1)
         parts = {}
         for name, part in cache.parts.items():
             plan = part.plan(length)
             rope = self.rope[name]
-            weights = query_weights(length, self.config.beta, self.device) if part.scored and name == "global" else None
+            weights = (query_weights(length + extra, self.config.beta, self.device)
+                       if part.scored and name == "global" else None)
             original = self.config.rope == "original" and name == "global"
             chunk_pos = plan.original_pos if original else plan.chunk_pos
+            if extra:  # the focus rows sit right after the chunk
+                chunk_pos = torch.cat((chunk_pos, chunk_pos[-1] + 1 + torch.arange(extra, device=chunk_pos.device)))
             step = PartStep(part, plan, *rope(plan.cache_pos), *rope(chunk_pos), weights,
                             rope=rope if original else None)
             if name == "sliding":
-                step.window_bias = window_bias(plan.cache_pos, plan.cache_valid, plan.chunk_pos, cache.sliding_window)
+                step.window_bias = window_bias(plan.cache_pos, plan.cache_valid, chunk_pos, cache.sliding_window)
             parts[name] = step
         step = StepContext(cache, parts)
         out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
@@ -228,7 +242,7 @@ class Engine:
         for name, part in cache.parts.items():
             push_pending(parts[name])
             part.commit(parts[name].plan)
-        hidden = out.last_hidden_state  # [1, L, hidden]
+        hidden = out.last_hidden_state[:, :length]  # [1, L, hidden]
         if logits == "none":
             return None
         if logits == "last":
@@ -241,12 +255,15 @@ class Engine:
     def read(self, pieces: Iterable[list[int]], cache: KVCache, total: int | None = None,
              progress: Callable[[ReadProgress], None] | None = None,
              should_stop: Callable[[], bool] | None = None, on_chunk: Callable[[KVCache], None] | None = None,
-             logits: str = "none") -> ReadProgress:
+             logits: str = "none", focus: list[int] | None = None) -> ReadProgress:
         """Read a stream of token-id pieces in `stride` chunks. Returns the final progress.
+        focus: a question's token ids whose attention joins every chunk's scores (see `forward`).
 
         Memory never depends on the stream's length: pieces are consumed lazily, and at most one
         chunk (plus less than one piece) of ids is held at a time.
         """
+        if focus:
+            check_positions(self.model.config, self.config, self.stride + len(focus), "stride + focus question")
         start = time.perf_counter()
         read = 0
         buffer: list[int] = []
@@ -256,7 +273,7 @@ class Engine:
             turn()  # a chunk is one step: other sessions' work goes first if it waits (engine.worker)
             if should_stop is not None and should_stop():
                 raise Cancelled(f"reading cancelled after {read} tokens")
-            self.forward(torch.tensor([chunk]), cache, logits=logits)
+            self.forward(torch.tensor([chunk]), cache, logits=logits, focus=focus)
             read += len(chunk)
             if on_chunk is not None:
                 on_chunk(cache)

@@ -162,7 +162,7 @@ class ReadingSession:
     def read(self, document: documents.Document, progress: Callable[[ReadProgress], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
              on_chunk: Callable[["ReadingSession", KVCache], None] | None = None,
-             total_tokens: int | None = None) -> ReadResult:
+             total_tokens: int | None = None, focus: str | None = None) -> ReadResult:
         """Stream the document (after the prompt prefix) through a fresh cache, then index its passages."""
         tok = self.loaded.tokenizer
         source_map = documents.SourceMap(document)
@@ -187,8 +187,10 @@ class ReadingSession:
             if progress is not None:
                 progress(p)
 
+        # focus: a question known before reading; its rows join every chunk's scores (Engine.forward)
+        focus_ids = self._ids(self.format.question_text(focus)) if focus else None
         done = self.engine.read(stream(), cache, total=total, progress=sampled, should_stop=should_stop,
-                                on_chunk=chunk_hook)
+                                on_chunk=chunk_hook, focus=focus_ids)
         doc_tokens = done.tokens_read - len(prefix_ids)
         if doc_tokens <= 0:
             raise UserError(f"{document.title}: no text to read")

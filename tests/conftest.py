@@ -10,7 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # runs the engine and kernel tests on the GPU with compiled kernels (TRITON_INTERPRET=0).
 os.environ.setdefault("CASCADE_TEST_DEVICE", "cpu")
 
-sys.path.insert(0, os.path.dirname(__file__))  # test helpers (push_oracle) import as top-level modules
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (tiny_models) import as top-level modules
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from engine.cache import CacheConfig, make_cache
 from engine.errors import UserError
-from push_oracle import OracleCascade
+from engine.push_rule import OracleCascade
 
 
 def model_config(layers=1, kv_heads=1, head_dim=4):
@@ -82,20 +82,35 @@ def test_random_scores_pick_block_winners():
         assert scores[p] == max(scores[first], scores[first + 1]), (p, first)
 
 
-@settings(max_examples=60, deadline=None)
+def sizes_of(sizes_rule, w, cascades, block):
+    """The cascade sizes a strategy draws: equal, cascade 0 twice the others, or 'half'."""
+    if sizes_rule == "equal":
+        return "equal", [w * block] * cascades
+    if sizes_rule == "first-double" or cascades == 1:
+        sizes = [2 * w * block] + [w * block] * (cascades - 1)
+        return ",".join(map(str, sizes)), sizes
+    return "half", [w * block * (cascades - 1)] + [w * block] * (cascades - 1)
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     sinks=st.integers(0, 5),
-    w=st.integers(1, 6),
+    w=st.integers(1, 6),  # blocks per cascade
     cascades=st.integers(1, 4),
+    block=st.sampled_from([1, 1, 2, 3, 4]),
+    sizes_rule=st.sampled_from(["equal", "equal", "first-double", "half"]),
     lengths=st.lists(st.integers(1, 23), min_size=1, max_size=14),
     seed=st.integers(0, 2 ** 16),
     beta=st.sampled_from([1.0, 0.9, 0.5]),
 )
-def test_matches_literal_oracle_and_invariants(sinks, w, cascades, lengths, seed, beta):
-    cfg = CacheConfig(sinks=sinks, window=w * cascades, cascades=cascades, beta=beta)
+def test_matches_literal_oracle_and_invariants(sinks, w, cascades, block, sizes_rule, lengths, seed, beta):
+    rule, sizes = sizes_of(sizes_rule, w, cascades, block)
+    window = sum(sizes)
+    cfg = CacheConfig(sinks=sinks, window=window, cascades=cascades, beta=beta, block=block, cascade_sizes=rule)
+    assert cfg.sizes == sizes
     cache = make_cache(cfg, model_config(kv_heads=2), batch=2)
     gen = torch.Generator().manual_seed(seed)
-    oracles = [[OracleCascade(sinks, w * cascades, cascades, beta) for _ in range(2)] for _ in range(2)]
+    oracles = [[OracleCascade(sinks, window, cascades, beta, block, sizes) for _ in range(2)] for _ in range(2)]
     first_sinks = None
     for L in lengths:
         before = cache.pos[0].clone()
@@ -105,9 +120,9 @@ def test_matches_literal_oracle_and_invariants(sinks, w, cascades, lengths, seed
             for h in range(2):
                 resident_gain = {int(p): float(g) for p, g in zip(before[b, h], gain[b, h]) if p >= 0}
                 oracles[b][h].chunk(resident_gain, new[b, h].tolist())
-        # invariants
+    # invariants
         pos, valid = cache.slot_positions()
-        assert int(valid.sum()) == cache.n_valid <= sinks + w * cascades
+        assert int(valid.sum()) == cache.n_valid <= sinks + window
         if first_sinks is None and cache.seen >= sinks:
             first_sinks = cache.pos[0][:, :, :sinks].clone()
         if first_sinks is not None:
@@ -158,12 +173,45 @@ def test_clone_is_independent():
         assert torch.equal(v, snapshot[k]), k
 
 
+def test_sizes_rules_spans_and_auto_cascades():
+    half = CacheConfig(sinks=64, window=256, cascades=5, cascade_sizes="half", block=8)
+    assert half.sizes == [128, 32, 32, 32, 32] and half.span == 64 + 128 + 32 * (2 + 4 + 8 + 16)
+    explicit = CacheConfig(sinks=0, window=64, cascades="auto", cascade_sizes="32,16,16")
+    assert explicit.resolve(10_000).sizes == [32, 16, 16]
+    # auto: the fewest cascades whose sizes hold whole blocks and whose span covers the stream
+    auto = CacheConfig(sinks=64, window=256, cascades="auto", block=16).resolve(5120)
+    assert auto.cascades == 8 and auto.sizes == [32] * 8 and auto.span >= 5120
+    assert CacheConfig(sinks=64, window=256, cascades="auto", block=64).resolve(5120).cascades == 4  # 64-slot cascades
+    # the sink policy is one window of single tokens whatever the cascade options say
+    sink = CacheConfig(policy="sink", window=100, cascades=4, block=8, cascade_sizes="half")
+    assert sink.sizes == [100] and make_cache(sink, model_config()).block == 1
+    assert not make_cache(sink, model_config()).scored and make_cache(half, model_config()).scored
+
+
+def test_blocks_move_whole_and_cascade_zero_keeps_its_size():
+    # S=0, W=24 as 12 + 6 + 6 slots, blocks of 3: every resident block is 3 consecutive tokens
+    cache = make_cache(CacheConfig(sinks=0, window=24, cascades=3, block=3, cascade_sizes="12,6,6"), model_config())
+    feed(cache, [5] * 40 + [2], torch.Generator().manual_seed(7))
+    order = cache_order(cache)
+    # cascade 0: three whole blocks, then the unfinished one (token 201 opened the block [201, 202, 203])
+    assert cache.seen == 202 and cache.count[0] == 10 and order[-10:] == list(range(192, 202))
+    older = order[:-10]
+    assert len(older) == 12 and older[0] < 192 - 12  # cascades 1 and 2 reach further back
+    for block in [older[i:i + 3] for i in range(0, len(older), 3)]:  # whole aligned blocks
+        assert block[0] % 3 == 0 and block == [block[0], block[0] + 1, block[0] + 2]
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(window=10, cascades=4), "divisible"),
     (dict(policy="nope"), "policy"),
     (dict(window=0), "window"),
     (dict(sinks=-1), "sinks"),
     (dict(beta=0.0), "beta"),
+    (dict(window=256, cascades=4, block=48), "block"),
+    (dict(window=256, cascades=3, cascade_sizes="128,64,32"), "add up"),
+    (dict(window=256, cascades=4, cascade_sizes="128,64,64"), "give 4 cascades"),
+    (dict(cascade_sizes="big"), "cascade sizes"),
+    (dict(block=0), "block"),
 ])
 def test_bad_config_is_a_user_error(kwargs, msg):
     with pytest.raises(UserError, match=msg):

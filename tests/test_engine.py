@@ -52,6 +52,23 @@ def test_chunked_reading_equals_one_shot_when_nothing_is_evicted(tiny_llama):
         assert torch.allclose(c1.score[layer], c2.score[layer], rtol=1e-4, atol=1e-5)
 
 
+def test_focus_rows_feed_scores_but_never_enter_the_cache(tiny_llama):
+    ids = torch.randint(0, 257, (96,), generator=torch.Generator().manual_seed(4)).tolist()
+    question = [5, 17, 99, 3]
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=128, cascades=2, block=2), stride=32)
+    plain, focused = engine.new_cache(), engine.new_cache()
+    for i in range(0, 96, 32):
+        chunk = torch.tensor([ids[i:i + 32]])
+        want = engine.forward(chunk, plain, logits="all")
+        got = engine.forward(chunk, focused, logits="all", focus=question)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)  # causal: the chunk never sees them
+    assert focused.n_valid == plain.n_valid == 96  # nothing evicted yet, and no question token was stored
+    for layer in range(2):
+        assert torch.equal(focused.pos[layer], plain.pos[layer])
+        assert (focused.score[layer] >= plain.score[layer] - 1e-6).all()  # the question's rows only add
+        assert (focused.score[layer] > plain.score[layer] + 1e-4).any()
+
+
 def brute_force_scores(q, k_all, valid_all, scaling, beta, group):
     """Explicit softmax matrix per query head, then the weighted column sum, max over each GQA group."""
     b, hq, L, d = q.shape

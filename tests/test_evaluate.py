@@ -52,22 +52,23 @@ def tokenizer(smollm2):
     return smollm2.tokenizer
 
 
-@pytest.mark.parametrize("haystack", ["filler", "kjv"])
+@pytest.mark.parametrize("haystack,needle", [("filler", "ours"), ("kjv", "ours"), ("filler", "repeated")])
 @pytest.mark.parametrize("band", range(len(DEPTH_BANDS)))
-def test_needle_lands_in_its_depth_band(tokenizer, haystack, band):
+def test_needle_lands_in_its_depth_band(tokenizer, haystack, needle, band):
     depth, key, offset = passkey_draw(0, 1500, band, 0)
     lo, hi = DEPTH_BANDS[band]
     assert lo <= depth <= hi and len(key) == 5 and key.isdigit()
-    ids, at, n_needle = passkey_prompt(tokenizer, 1500, depth, key, haystack, start=offset)
+    ids, at, n_needle = passkey_prompt(tokenizer, 1500, depth, key, haystack, start=offset, needle=needle)
     assert len(ids) == 1500
     body = len(ids) - n_needle
     slack = 0.01 if haystack == "filler" else 0.05  # needles go between sentences / verses
     assert lo - slack <= at / body <= hi + slack
     needle_text = tokenizer.decode(ids[at:at + n_needle])
-    assert needle_text.strip() == f"The pass key is {key}. Remember it. {key} is the pass key."
-    assert tokenizer.decode(ids).count(key) == 2  # the key occurs in the needle only
+    assert needle_text.strip() == evaluate.NEEDLES[needle].format(key=key)
+    times = {"ours": 2, "repeated": 6}[needle]
+    assert tokenizer.decode(ids).count(key) == times  # the key occurs in the needle only
     digits = "".join(ch for t in ids[at:at + n_needle] for ch in tokenizer.decode([t]) if ch.isdigit())
-    assert digits == key * 2  # the key's digits are in the token stream, in order
+    assert digits == key * times  # the key's digits are in the token stream, in order
 
 
 def test_case_draws_depend_only_on_their_coordinates():
@@ -158,33 +159,42 @@ def test_needle_retention_measures_eviction(use_tiny):
 
 
 def test_passkey_grid_is_resumable_and_reported(tmp_path, use_tiny):
-    args = eval_args(tmp_path, "passkey", "--lengths-x", "1", "2", "--policies", "cascade", "sink", "full")
+    # 112 + 16 = 128 slots; 1x is a whole prompt (prefix, haystack, question, answer) of 128 tokens
+    args = eval_args(tmp_path, "passkey", "--window", "112", "--samples", "1", "--lengths-x", "1", "2",
+                     "--policies", "cascade", "sink", "full")
     evaluate.run_passkey(args)
     rows = jsonl(tmp_path / "passkey.jsonl")
     assert len(rows) == 3 * 2 * len(DEPTH_BANDS)
     assert {(r["case"]["policy"], r["case"]["length"]) for r in rows} == {
-        (p, n) for p in ("cascade", "sink", "full") for n in (48, 96)}
+        (p, n) for p in ("cascade", "sink", "full") for n in (128, 256)}
     for r in rows:
-        assert {"exact", "per_digit", "answer", "key", "needle_kept"} <= set(r)
+        assert {"exact", "per_digit", "answer", "key", "needle_kept", "needle_kept_read"} <= set(r)
         assert (r["exact"], r["per_digit"]) == digits_score(r["answer"], r["key"])
         lo, hi = DEPTH_BANDS[r["case"]["band"]]
         assert lo - 0.15 <= r["depth"] <= hi + 0.15  # short haystacks: sentence granularity
+        if r["case"]["length"] == 128:  # a true 1x: nothing was evicted when the answer started
+            assert r["needle_kept"] == 1.0 and r["cascades_used"] in (1, None)
+        else:  # cascades auto: the cascade's span reaches the whole prompt
+            assert r["case"]["policy"] != "cascade" or r["span"] >= 256
     before = (tmp_path / "passkey.jsonl").read_text()
     evaluate.run_passkey(args)  # nothing left to do: no case runs twice
     assert (tmp_path / "passkey.jsonl").read_text() == before
-    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--lengths-x", "1", "2", "4", "--policies", "cascade"))
+    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--window", "112", "--samples", "1", "--lengths-x", "1", "2",
+                                   "4", "--policies", "cascade"))
     rows = jsonl(tmp_path / "passkey.jsonl")  # a bigger grid only adds its missing cases
     assert len(rows) == 3 * 2 * len(DEPTH_BANDS) + len(DEPTH_BANDS)
     assert len({json.dumps(r["case"], sort_keys=True) for r in rows}) == len(rows)
     # the same grid with another setting is a different experiment: it runs again
-    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--lengths-x", "1", "--policies", "sink", "--stride", "16"))
+    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--window", "112", "--samples", "1", "--lengths-x", "1",
+                                   "--policies", "sink", "--stride", "16"))
     assert len(jsonl(tmp_path / "passkey.jsonl")) == 3 * 2 * len(DEPTH_BANDS) + 2 * len(DEPTH_BANDS)
     summary = json.loads((tmp_path / "passkey.json").read_text())
-    assert {(c["policy"], c["length"]) for c in summary["by_length"]} == {("sink", 48)}  # only this run's settings
-    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--lengths-x", "1", "--policies", "sink", "--stride", "16",
-                                   "--beta", "0.99"))  # an ablation is a new experiment too
+    assert {(c["policy"], c["length"]) for c in summary["by_length"]} == {("sink", 128)}  # only this run's settings
+    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--window", "112", "--samples", "1", "--lengths-x", "1",
+                                   "--policies", "sink", "--stride", "16", "--beta", "0.99"))  # an ablation is a new experiment too
     assert len(jsonl(tmp_path / "passkey.jsonl")) == 3 * 2 * len(DEPTH_BANDS) + 3 * len(DEPTH_BANDS)
-    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--lengths-x", "1", "--policies", "sink", "--stride", "16"))
+    evaluate.run_passkey(eval_args(tmp_path, "passkey", "--window", "112", "--samples", "1", "--lengths-x", "1",
+                                   "--policies", "sink", "--stride", "16"))
     summary = json.loads((tmp_path / "passkey.json").read_text())  # whose rows stay out of the default's summary
     assert [c["n"] for c in summary["cells"]] == [1] * len(DEPTH_BANDS)
     for name in ("passkey.json", "passkey.png", "passkey.md"):
@@ -201,8 +211,10 @@ def test_passkey_report_tables(tmp_path):
                                   ("sink", 48, 0, False, 0.2), ("sink", 96, 0, True, 1.0)]]
     summary = evaluate.summarize_passkey(rows, tmp_path, "m", settings)
     md = (tmp_path / "passkey.md").read_text()
-    assert "| cascade | 0.50 (0.70) | - |" in md
-    assert "| sink | 0.00 (0.20) | 1.00 (1.00) |" in md
+    lo, hi = evaluate.wilson(1, 2)
+    assert f"| cascade | 0.50 [{lo:.2f}-{hi:.2f}] (0.70), n=2 | - |" in md
+    lo, hi = evaluate.wilson(1, 1)
+    assert f"| sink | 0.00 [0.00-{evaluate.wilson(0, 1)[1]:.2f}] (0.20), n=1 | 1.00 [{lo:.2f}-1.00] (1.00), n=1 |" in md
     rows[0]["needle_kept"], rows[3]["needle_kept"], rows[2]["needle_kept"] = 1.0, 1.0, 0.0
     evaluate.summarize_passkey(rows, tmp_path, "m", settings)
     md = (tmp_path / "passkey.md").read_text()
