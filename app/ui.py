@@ -486,8 +486,8 @@ def _summarize(st: UserState, mode, max_new_tokens):
 
     def stopped() -> str:
         kept = len(sections)
-        return (f"Stopped. Kept the {kept} finished section summar{'ies' if kept != 1 else 'y'} of "
-                f"{job['planned'] or '?'}; no summary of the whole document was written.")
+        return (f"Stopped. Kept the {views.section_summaries(kept).replace(' section', ' finished section', 1)} "
+                f"of {job['planned'] or '?'}; no summary of the whole document was written.")
 
     def html(final_text: str, said: str) -> str:
         return views.sections_html(sections, label, current, final_text, said, document, job["planned"])

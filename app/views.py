@@ -413,8 +413,12 @@ def sections_html(sections: list[dict], current_label: str, current: str, final:
     return "<div class='summary'>" + "".join(parts) + "</div>"
 
 
+def section_summaries(n: int) -> str:
+    return f"{n} section summar{'y' if n == 1 else 'ies'}"
+
+
 def sections_done(sections: int, seconds: float) -> str:
-    return f"Done: {sections} section summaries and the summary of the whole document in {_duration(seconds)}."
+    return f"Done: {section_summaries(sections)} and the summary of the whole document in {_duration(seconds)}."
 
 
 def summary_progress(status: dict | None, sections_done: int) -> str:
@@ -422,7 +426,7 @@ def summary_progress(status: dict | None, sections_done: int) -> str:
     if status is None:
         return "Starting…"
     if status["phase"] == "final":
-        said = f"Writing the summary of the whole document from {sections_done} section summaries"
+        said = f"Writing the summary of the whole document from {section_summaries(sections_done)}"
     else:
         what = "reading" if status["phase"] == "reading" else "summarizing"
         said = f"Section {status['index'] + 1} of {status['of']} ({status['label']}): {what}"
