@@ -98,14 +98,13 @@ def run_books(args) -> dict:
     from . import recall as rc
 
     qa_defaults(args)
-    narrow = rc.NARROW_TOKENS if getattr(args, "recall_narrow", None) is None else args.recall_narrow
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
     out = Path(args.out)
     results = Results(out / "books.jsonl")
     settings = _settings(args, loaded, "books", prompt=prompt, new_tokens=args.new_tokens,
-                         cascades=args.cascades, recall_tokens=args.recall_tokens, recall_narrow=narrow,
+                         cascades=args.cascades, recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
                          attention_weight=rc.FUSION["attention"])
     if args.bible:
         groups = {"Bible": [dict(q, doc="Bible") for q in data["bible"]]}
@@ -131,7 +130,7 @@ def run_books(args) -> dict:
                 continue
             session = ReadingSession(loaded, config, stride=args.stride, prompt=prompt,
                                      answering=AnswerSettings(recall_tokens=args.recall_tokens,
-                                                              recall_narrow=narrow))
+                                                              recall_narrow=args.recall_narrow))
             snap = out / "snapshots" / f"{doc_name.replace(' ', '_')}-{policy}-w{args.window}-c{args.cascades}-s{args.stride}"
             try:
                 session.load(snap)
@@ -161,7 +160,7 @@ def run_books(args) -> dict:
                         picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
                                          args.recall_tokens, tokens_of=session.recall_cost,
                                          use_bm25=kw.get("use_bm25", True), offsets=session.source_map.offsets,
-                                         narrow_tokens=narrow)
+                                         narrow_tokens=args.recall_narrow)
                         row[f"hit_{name}"] = hits(char_ranges(x.passage for x in picked), gold)
                 t0 = time.perf_counter()
                 "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, recall_on=r == "on"))

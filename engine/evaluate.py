@@ -24,6 +24,7 @@ import torch
 from .cache import POLICIES, CacheConfig
 from .cli import add_layout_options, cascades_arg
 from .errors import UserError
+from .recall import NARROW_TOKENS
 
 FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
                     "There and back again.")
@@ -98,9 +99,9 @@ def add_arguments(parser) -> None:
             p.add_argument("--recall", nargs="+", choices=["on", "off"], default=None,
                            help="recall settings to run (synthetic: off; books: on off)")
             p.add_argument("--recall-tokens", type=int, default=384, help="recall budget (tokens)")
-            p.add_argument("--recall-narrow", type=int, default=None,
+            p.add_argument("--recall-narrow", type=int, default=NARROW_TOKENS,
                            help="books: recalled passages after the best one cut to at most this many "
-                                "tokens (0 = whole; default: the engine's)")
+                                "tokens (0 = whole)")
             p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
             p.add_argument("--limit", type=int, default=None, help="books: first N questions per book")
             p.add_argument("--references", nargs="+", choices=["none", "oracle"], default=["none", "oracle"],

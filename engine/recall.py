@@ -319,17 +319,26 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     # a small reader is misled by every extra passage (docs/eval.md), and attention alone rarely finds
     # the answer's passage.
     candidates = [pid for pid, _ in lexical] if lexical else list(fused)
-    best = best_lines(index, question, candidates) if offsets is not None and lexical and narrow_tokens else {}
+    texts: dict[int, str] = {}  # each passage's text is read from the index once
+
+    def text_of(pid: int) -> str:
+        if pid not in texts:
+            texts[pid] = index.text(index.passages[pid])
+        return texts[pid]
+
+    narrowing = offsets is not None and lexical and narrow_tokens
+    best = best_lines(question, {pid: text_of(pid) for pid in candidates}) if narrowing else {}
     picked, used = [], 0
     for pid in sorted(candidates, key=lambda p: (-fused[p], p)):
-        p, text = index.passages[pid], index.text(index.passages[pid])
+        whole = p = index.passages[pid]
         if pid in best and picked:  # the best passage stays whole: the reader needs its context
-            p, text = narrow(p, text, best[pid], offsets, narrow_tokens)
+            p = narrow(whole, text_of(pid), best[pid], offsets, narrow_tokens)
         cost = tokens_of(p)
         if used + cost > budget:
             continue
         used += cost
         lr, ar = lex_rank.get(pid), att_rank.get(pid)
+        text = text_of(pid)[p.char_start - whole.char_start: p.char_end - whole.char_start]
         picked.append(Recalled(p, text, lr and lr[0], lr and round(lr[1], 4), ar and ar[0],
                                ar and round(ar[1], 5), fused[pid]))
     return sorted(picked, key=lambda r: r.passage.token_start)
@@ -368,23 +377,22 @@ def central(index: PassageIndex, text: str, budget: int, tokens_of=lambda p: p.t
 
 # ------------------------------------------------------------------ narrowing a passage to its lines
 
-def best_lines(index: PassageIndex, question: str, pids: list[int]) -> dict[int, int]:
+def best_lines(question: str, texts: dict[int, str]) -> dict[int, int]:
     """Passage id -> char offset (in the passage's text) of its line that BM25 likes best.
 
-    The lines of the candidate passages go into a throwaway in-memory FTS5 table, so a question's
-    rare words weigh most among the lines it is choosing between; the saved index stays as it is.
+    `texts`: the candidate passages' texts by id. Their lines go into a throwaway in-memory FTS5
+    table, so a question's rare words weigh most among the lines it is choosing between; the saved
+    index stays as it is.
     """
     query = fts_query(question)
-    if not query or not pids:
+    if not query or not texts:
         return {}
     con = sqlite3.connect(":memory:")
     try:
         con.execute("CREATE VIRTUAL TABLE line USING fts5(text, pid UNINDEXED, at UNINDEXED, "
                     "tokenize='porter unicode61')")
-        rows = []
-        for pid in pids:
-            text = index.text(index.passages[pid])
-            rows += [(text[a:b], pid, a) for a, b in _lines(text, 0, len(text)) if text[a:b].strip()]
+        rows = [(text[a:b], pid, a) for pid, text in texts.items()
+                for a, b in _lines(text, 0, len(text)) if text[a:b].strip()]
         con.executemany("INSERT INTO line(text, pid, at) VALUES (?, ?, ?)", rows)
         best: dict[int, int] = {}
         for pid, at in con.execute("SELECT pid, at FROM line WHERE line MATCH ? ORDER BY bm25(line)", (query,)):
@@ -397,16 +405,16 @@ def best_lines(index: PassageIndex, question: str, pids: list[int]) -> dict[int,
 _LINES_LABEL = re.compile(r"^(?:(?P<head>.*), )?lines? (?P<first>\d+)(?:-\d+)?$")
 
 
-def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int) -> tuple[Passage, str]:
-    """The passage cut to whole lines around the line starting at `at` (in `text`), grown one line
-    after, then one before, while it stays within max_tokens. A passage already that short, or one
-    line long, is kept whole. Plain-text labels name the narrowed lines ("Chapter 3, lines 12-14")."""
+def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int) -> Passage:
+    """The passage (whose text is `text`) cut to whole lines around the line starting at `at`, grown
+    one line after, then one before, while it stays within max_tokens. A passage already that short,
+    or one line long, is kept whole. Plain-text labels name the narrowed lines ("Chapter 3, lines 12-14")."""
     if p.tokens <= max_tokens:
-        return p, text
-    lines = [(a, b) for a, b in _lines(text, 0, len(text))]
+        return p
+    lines = list(_lines(text, 0, len(text)))
     i = next((k for k, (a, _) in enumerate(lines) if a == at), None)
     if i is None or len(lines) == 1:
-        return p, text
+        return p
     tokens = lambda lo, hi: _ntok(offsets, p.char_start + lines[lo][0], p.char_start + lines[hi][1])
     lo = hi = i
     grown = True
@@ -429,4 +437,4 @@ def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int)
         label = f"{m['head']}, {span}" if m["head"] else span
     c0, c1 = p.char_start + a, p.char_start + b
     t0, t1 = int(np.searchsorted(offsets, c0)), int(np.searchsorted(offsets, c1))
-    return Passage(p.id, label, c0, c1, t0, t1), text[a:b]
+    return Passage(p.id, label, c0, c1, t0, t1)
