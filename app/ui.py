@@ -485,8 +485,7 @@ def _summarize(st: UserState, mode, max_new_tokens):
         return f"{views.summary_progress(job['status'], len(sections))} {views.turn_note(lane.others())}".strip()
 
     def stopped() -> str:
-        kept = len(sections)
-        return (f"Stopped. Kept the {views.section_summaries(kept).replace(' section', ' finished section', 1)} "
+        return (f"Stopped. Kept the {views.section_summaries(len(sections), finished=True)} "
                 f"of {job['planned'] or '?'}; no summary of the whole document was written.")
 
     def html(final_text: str, said: str) -> str:

@@ -413,8 +413,8 @@ def sections_html(sections: list[dict], current_label: str, current: str, final:
     return "<div class='summary'>" + "".join(parts) + "</div>"
 
 
-def section_summaries(n: int) -> str:
-    return f"{n} section summar{'y' if n == 1 else 'ies'}"
+def section_summaries(n: int, finished: bool = False) -> str:
+    return f"{n} {'finished ' if finished else ''}section summar{'y' if n == 1 else 'ies'}"
 
 
 def sections_done(sections: int, seconds: float) -> str:

@@ -276,7 +276,7 @@ def _ratio(pairs) -> tuple[int, int]:
 
 
 def _cell(k: int, n: int) -> str:
-    from .eval_books import wilson
+    from .evaluate import wilson
 
     if not n:
         return "-"
