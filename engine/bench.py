@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -61,29 +62,55 @@ def kjv_document(tokenizer, n: int):
     return document_from_text("".join(parts).lstrip(), title="KJV")
 
 
+class ReadTrace:
+    """A progress callback that samples throughput and RSS along a read (is memory flat? is speed?)."""
+
+    def __init__(self):
+        self.proc, self.points = psutil.Process(), []  # (tokens read, seconds, RSS MB) after every chunk
+
+    def __call__(self, p) -> None:
+        self.points.append((p.tokens_read, p.seconds, self.proc.memory_info().rss / 2 ** 20))
+
+    def summary(self) -> dict:
+        """Speed over the whole read and its first and last quarter; RSS at each quarter's end."""
+        tokens, secs, rss = (np.asarray(x, dtype=np.float64) for x in zip(*self.points))
+        q = [int(len(tokens) * f) for f in (0.25, 0.5, 0.75)]
+
+        def rate(a, b):  # tokens per second between two samples
+            return float((tokens[b] - tokens[a]) / max(secs[b] - secs[a], 1e-9))
+
+        n = len(tokens) - 1
+        return {"tokens": int(tokens[-1]), "read_seconds": float(secs[-1]),
+                "tokens_per_second": float(tokens[-1] / secs[-1]),
+                "first_quarter_tps": rate(0, q[0]), "last_quarter_tps": rate(q[2], n),
+                "rss_mb_at_quarters": [round(float(rss[i]), 1) for i in (*q, n)]}
+
+    def write(self, path: Path, **extra) -> dict:
+        """Append the summary, with `extra` fields, as one JSON line."""
+        out = {**extra, **self.summary()}
+        with open(path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+        return out
+
+
 def read_and_ask(loaded, config: CacheConfig, args: dict) -> dict:
     """Read the KJV as a user's document (read + passages + index), then answer one question with recall."""
     from .session import ReadingSession
 
     doc = kjv_document(loaded.tokenizer, args["length"])
     session = ReadingSession(loaded, config, stride=args["stride"])
-    proc = psutil.Process()
-    trace: list[tuple[int, float, float]] = []  # (tokens read, seconds, RSS MB) after every chunk
+    trace = ReadTrace()
     start = time.perf_counter()
-    read = session.read(doc, progress=lambda p: trace.append((p.tokens_read, p.seconds, proc.memory_info().rss / 2 ** 20)))
+    read = session.read(doc, progress=trace)
     seconds = time.perf_counter() - start  # reading + cutting the passages + the index
     answer = "".join(session.ask(args["question"], max_new_tokens=48))
     a = session.answers[-1]
-    q = len(trace) // 4
-
-    def rate(i, j):
-        return (trace[j][0] - trace[i][0]) / (trace[j][1] - trace[i][1])
-
+    along = trace.summary()
     return {
         "doc_tokens": read.doc_tokens, "seconds": seconds, "read_seconds": read.seconds,
         "index_seconds": seconds - read.seconds, "tokens_per_second": read.doc_tokens / read.seconds,
-        "first_quarter_tps": rate(0, q), "last_quarter_tps": rate(len(trace) - 1 - q, len(trace) - 1),
-        "rss_mb_at_quarters": [round(trace[i][2], 1) for i in (q, 2 * q, 3 * q, len(trace) - 1)],
+        "first_quarter_tps": along["first_quarter_tps"], "last_quarter_tps": along["last_quarter_tps"],
+        "rss_mb_at_quarters": along["rss_mb_at_quarters"],
         "peak_rss_mb": read.peak_rss_mb, "cascades": session.config.cascades,
         "passages": len(session.index.passages), "index_mb": session.index.nbytes_on_disk() / 2 ** 20,
         "question": args["question"], "answer": answer, "first_token_seconds": a.first_token_seconds,

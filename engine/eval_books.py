@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import ReadTrace
 from .errors import UserError
 from .evaluate import Results, _plt, _say, _settings, qa_defaults, wilson
 
@@ -180,34 +181,6 @@ def run_books(args) -> dict:
         run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans)
     rows = [r for r in results.rows if all(r["case"].get(k) == v for k, v in settings.items())]
     return summarize_books(rows, out, loaded.model_id, settings)
-
-
-class ReadTrace:
-    """A progress callback that samples throughput and RSS along a read (is memory flat? is speed?)."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc, self.points = psutil.Process(), []  # (tokens read, seconds, rss MB)
-
-    def __call__(self, p) -> None:
-        self.points.append((p.tokens_read, p.seconds, self.proc.memory_info().rss / 2 ** 20))
-
-    def write(self, path: Path, **extra) -> dict:
-        tokens, secs, rss = (np.asarray(x, dtype=np.float64) for x in zip(*self.points))
-        q = [int(len(tokens) * f) for f in (0.25, 0.5, 0.75)]
-
-        def rate(a, b):  # tokens per second between two samples
-            return float((tokens[b] - tokens[a]) / max(secs[b] - secs[a], 1e-9))
-
-        n = len(tokens) - 1
-        out = {**extra, "tokens": int(tokens[-1]), "read_seconds": float(secs[-1]),
-               "tokens_per_second": float(tokens[-1] / secs[-1]),
-               "first_quarter_tok_s": rate(0, q[0]), "last_quarter_tok_s": rate(q[2], n),
-               "rss_mb_at_quarters": [round(float(rss[i]), 1) for i in (*q, n)]}
-        with open(path, "a") as f:
-            f.write(json.dumps(out) + "\n")
-        return out
 
 
 def run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans) -> None:
