@@ -72,3 +72,26 @@ def browser():
     from ui_app import chromium
 
     yield from chromium()
+
+
+@pytest.fixture(scope="session")
+def tiny(smollm2):
+    """A tiny random Llama with the real tokenizer: fast, and exercises every code path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.models import LoadedModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=len(smollm2.tokenizer),
+                         max_position_embeddings=4096)
+    return LoadedModel(LlamaForCausalLM(config).eval(), smollm2.tokenizer, "tiny", "tiny-eval", "plain")
+
+
+@pytest.fixture
+def use_tiny(tiny, monkeypatch):
+    """The tiny model wherever an evaluation would load a model (engine.models.load_model)."""
+    import engine.models
+
+    monkeypatch.setattr(engine.models, "load_model", lambda *a, **k: tiny)
+    return tiny

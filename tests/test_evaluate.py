@@ -5,7 +5,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from engine import evaluate
 from engine.cache import CacheConfig
@@ -96,28 +95,6 @@ def test_qa_facts_sit_at_their_depths_and_come_from_their_verses(tokenizer):
 
 
 # ------------------------------------------------------------------ runs on a tiny random Llama
-
-@pytest.fixture(scope="module")
-def tiny(smollm2):
-    """A tiny random Llama with the real tokenizer: fast, and exercises every code path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from engine.models import LoadedModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=len(smollm2.tokenizer),
-                         max_position_embeddings=4096)
-    return LoadedModel(LlamaForCausalLM(config).eval(), smollm2.tokenizer, "tiny", "tiny-eval", "plain")
-
-
-@pytest.fixture
-def use_tiny(tiny, monkeypatch):
-    import engine.models
-
-    monkeypatch.setattr(engine.models, "load_model", lambda *a, **k: tiny)
-    return tiny
-
 
 def eval_args(tmp_path, task, *extra):
     import argparse

@@ -366,23 +366,13 @@ def test_cli_json_lists_recalled_passages_and_citations(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "question is empty" in bad.stderr
 
 
-def test_book_eval_runs_recall_on_and_off_and_resumes(smollm2, tmp_path, monkeypatch):
+def test_book_eval_runs_recall_on_and_off_and_resumes(use_tiny, tmp_path):
     """`engine eval qa --set books` end to end on a tiny random model with the real tokenizer: the
     recall hit is measured on the narrowed passages that were re-read, and a rerun adds nothing."""
     import argparse
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import engine.models
     from engine import evaluate
-    from engine.models import LoadedModel
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=len(smollm2.tokenizer),
-                         max_position_embeddings=4096)
-    tiny = LoadedModel(LlamaForCausalLM(config).eval(), smollm2.tokenizer, "tiny", "tiny-books", "plain")
-    monkeypatch.setattr(engine.models, "load_model", lambda *a, **k: tiny)
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
     args = parser.parse_args(["qa", "--set", "books", "--books", "1 Samuel", "--limit", "2", "--window", "64",
