@@ -99,6 +99,8 @@ def run_books(args) -> dict:
     from . import recall as rc
 
     qa_defaults(args)
+    # built (and so checked) before the model loads
+    answering = AnswerSettings(recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow)
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
@@ -130,8 +132,7 @@ def run_books(args) -> dict:
             if not todo:
                 continue
             session = ReadingSession(loaded, config, stride=args.stride, prompt=prompt,
-                                     answering=AnswerSettings(recall_tokens=args.recall_tokens,
-                                                              recall_narrow=args.recall_narrow))
+                                     answering=answering)
             snap = out / "snapshots" / f"{doc_name.replace(' ', '_')}-{policy}-w{args.window}-c{args.cascades}-s{args.stride}"
             try:
                 session.load(snap)
