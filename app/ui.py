@@ -92,6 +92,7 @@ def _one_job_at_a_time(st: UserState, say, work):
     try:
         yield from work()
     finally:
+        st.touch()  # idle time counts from the end of the job: a read longer than the timeout is not freed at once
         st.own_work.release()
 
 

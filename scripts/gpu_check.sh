@@ -14,6 +14,8 @@
 #   WHEELS   a folder of wheels to install missing packages from, for a machine without the network
 #   MODEL    model for the reading benchmark and the ask (default smollm2; a folder or hub id works too)
 #   OUT      where results go (default results/gpu)
+#   PYTEST_ARGS     more pytest options for the tests (e.g. -n 4 where pytest-xdist is installed)
+#   STEP_TIMEOUT_S  stop each step after this many seconds (for a machine lent for minutes; default: none)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -25,6 +27,10 @@ STEPS="$OUT/steps.jsonl"
 step() {  # step NAME STATUS DETAIL: one line of steps.jsonl
   printf '{"step": "%s", "status": "%s", "detail": %s}\n' "$1" "$2" "$(printf '%s' "$3" | head -c 2000 | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')" >>"$STEPS"
   echo "gpu_check: $1: $2" >&2
+}
+
+limit() {  # limit CMD...: the command, stopped after STEP_TIMEOUT_S when that is set
+  if [ -n "${STEP_TIMEOUT_S:-}" ]; then timeout "$STEP_TIMEOUT_S" "$@"; else "$@"; fi
 }
 
 cuda_python() {
@@ -77,7 +83,7 @@ step setup ok "$(cat "$OUT/env.json")"
 
 # 2. Tests on the GPU: compiled Triton kernels, the engine, every architecture, the device path.
 TESTS="tests/test_kernels.py tests/test_gpu.py tests/test_engine.py tests/test_architectures.py"
-TRITON_INTERPRET=0 CASCADE_TEST_DEVICE=cuda "$PY" -m pytest -q -rs $TESTS --junitxml="$OUT/tests.xml" 2>&1 |
+TRITON_INTERPRET=0 CASCADE_TEST_DEVICE=cuda limit "$PY" -m pytest -v -rs ${PYTEST_ARGS:-} $TESTS --junitxml="$OUT/tests.xml" 2>&1 |
   tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 "$PY" - "$OUT/tests.xml" >"$OUT/tests.json" <<'EOF'
@@ -94,14 +100,14 @@ EOF
 step tests "$([ "$tests_rc" = 0 ] && echo ok || echo failed)" "$(tail -n 1 "$OUT/tests.log")"
 
 # 3. Kernel benchmark: one 8B-shaped layer (32/8 heads, head_dim 128, bf16), 16k-slot cache, stride 4096.
-if "$PY" -m engine bench --kernels --device cuda --out "$OUT" >"$OUT/kernel_bench.log" 2>&1; then
+if limit "$PY" -m engine bench --kernels --device cuda --out "$OUT" >"$OUT/kernel_bench.log" 2>&1; then
   step kernel_bench ok "$(tail -n 20 "$OUT/kernel_bench.log")"
 else
   step kernel_bench failed "$(tail -n 5 "$OUT/kernel_bench.log")"
 fi
 
 # 4. Reading benchmark on the GPU (the CPU table's settings; bf16).
-if "$PY" -m engine bench --device cuda --model "$MODEL" --dtypes bfloat16 --lengths 8192 65536 \
+if limit "$PY" -m engine bench --device cuda --model "$MODEL" --dtypes bfloat16 --lengths 8192 65536 \
     --out "$OUT/read" >"$OUT/read_bench.log" 2>&1; then
   cp "$OUT/read/read_bench.json" "$OUT/read_bench.json" && cp "$OUT/read/read_bench.png" "$OUT/read_bench.png"
   step read_bench ok "$(tail -n 20 "$OUT/read_bench.log")"
@@ -113,7 +119,7 @@ fi
 TEXT=$(mktemp -d)/kjv.txt
 if "$PY" -c "import sys; from engine.corpus import kjv_text; open(sys.argv[1], 'w').write(kjv_text())" "$TEXT" \
     2>"$OUT/ask_1m.log"; then
-  if "$PY" -m engine ask "$TEXT" -q "Who was the mother of Samuel?" --device cuda --model "$MODEL" --json --quiet \
+  if limit "$PY" -m engine ask "$TEXT" -q "Who was the mother of Samuel?" --device cuda --model "$MODEL" --json --quiet \
       >"$OUT/ask_1m.json" 2>>"$OUT/ask_1m.log"; then
     step ask_1m ok "$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ("doc_tokens", "tokens_per_second", "read_seconds", "first_token_seconds", "peak_memory_mb", "cascades", "answer")})' "$OUT/ask_1m.json")"
   else

@@ -31,11 +31,17 @@ from engine.models import load_model  # noqa: E402
 LABELS = ("plan", "rope_tables", "rope", "attention", "score_sums", "push", "commit")
 
 
+SYNC = False  # on CUDA each label waits for its kernels, so GPU time lands in the label that launched it
+
+
 def labelled(label: str, fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with record_function(label):
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            if SYNC:
+                torch.cuda.synchronize()
+            return out
     return wrapper
 
 
@@ -85,12 +91,16 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=6, help="chunks read before profiling (the cache fills)")
     p.add_argument("--chunks", type=int, default=4, help="chunks profiled")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (each part then waits for its kernels)")
+    p.add_argument("--model", default=None, help="model spec (default: the packaged default model)")
     p.add_argument("--out", default="results/profile")
     args = p.parse_args()
+    global SYNC
+    SYNC = args.device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     instrument()
-    loaded = load_model(None, dtype=torch.bfloat16, say=lambda s: None)
+    loaded = load_model(args.model, dtype=torch.bfloat16, say=lambda s: None, device=args.device)
     cascades = args.cascades if args.cascades == "auto" else int(args.cascades)
     config = CacheConfig(window=args.window, cascades=cascades).resolve(args.tokens)
     engine = runtime.Engine(loaded, config, stride=args.stride)
@@ -105,11 +115,13 @@ def main() -> None:
         for c in chunks[args.warm:]:
             with record_function("chunk"):
                 engine.forward(torch.tensor([c]), cache)
+                if SYNC:
+                    torch.cuda.synchronize()
         wall = time.perf_counter() - start
     rows = breakdown(prof, wall, args.chunks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"w{args.window}_c{config.cascades}_s{args.stride}"
+    name = f"w{args.window}_c{config.cascades}_s{args.stride}" + ("" if args.device == "cpu" else "_cuda")
     result = {"settings": {**vars(args), "cascades": config.cascades, "threads_used": torch.get_num_threads()},
               "wall_ms_per_chunk": 1000 * wall / args.chunks, "tokens_per_second": args.chunks * args.stride / wall,
               "rows": rows,

@@ -57,6 +57,24 @@ def test_idle_sessions_are_freed_but_their_snapshots_stay(snapshots):
     assert (sessions.snapshot_dir(back) / "mine.json").exists()
 
 
+def test_idle_time_counts_from_the_end_of_a_job(snapshots, monkeypatch):
+    # a job (a read) longer than the idle timeout must not leave its session freed the moment it ends
+    from app import ui
+    monkeypatch.setattr(sessions, "LIMITS", sessions.Limits(max_busy=1, idle_timeout_s=0.3))
+    st = sessions.get("")[0]
+
+    def work():
+        st.session = object()  # the document this job read
+        time.sleep(0.6)
+        yield "read"
+
+    assert list(ui._one_job_at_a_time(st, lambda text, refused: text, work)) == ["read"]
+    sessions.free_idle()  # (other tests' sessions may go; this one must stay)
+    assert st.session is not None
+    sessions.free_idle(now=time.monotonic() + 1)
+    assert st.session is None
+
+
 def test_the_browser_secret_is_kept_across_restarts(snapshots):
     first = sessions.browser_secret()
     assert first and sessions.browser_secret() == first

@@ -79,9 +79,17 @@ def time_full(n: int, s: dict, device) -> float | None:
         # On CUDA the baseline is pinned to flash attention (the paper's baseline): with a causal flag,
         # no mask and bf16 it is eligible, and a silent fallback to another backend would flatter us.
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if device.type == "cuda" else contextlib.nullcontext():
-            start = time.perf_counter()
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            _sync(device)
+            try:
+                start = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                _sync(device)
+            except RuntimeError:  # a torch whose flash kernel lacks GQA: the same attention on repeated KV heads
+                group = s["q_heads"] // s["kv_heads"]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+                _sync(device)
+                start = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                _sync(device)
         return time.perf_counter() - start
     except torch.OutOfMemoryError:
         return None
