@@ -79,6 +79,10 @@ def add_arguments(parser) -> None:
             p.add_argument("--haystack", choices=["filler", "kjv"], default="filler",
                            help="repeated 'The grass is green...' filler, or KJV verses")
             p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the answer")
+            p.add_argument("--recall", nargs="+", choices=["on", "off"], default=["off"],
+                           help="on: each case is read and asked through ReadingSession, which re-reads the "
+                                "passages the question needs (rows labelled policy+recall)")
+            p.add_argument("--recall-tokens", type=int, default=384, help="recall budget (tokens)")
         elif name == "ppl":
             p.add_argument("--tokens", type=int, default=16384, help="length of the KJV stream")
             p.add_argument("--start-verse", type=int, default=0, help="first KJV verse of the stream")
@@ -348,44 +352,95 @@ def run_passkey(args) -> dict:
         raise UserError(f"the shortest prompt ({lengths[0]} tokens) leaves no room for a haystack after "
                         f"{overhead} tokens of prefix, question and answer")
     engines: dict = {}
-    for policy in args.policies:
-        for length in lengths:
-            config = _config(args, policy).resolve(length)  # cascades auto: the span covers the prompt
-            for band in range(len(DEPTH_BANDS)):
-                for s in range(args.samples):
-                    case = {**settings, **_policy_fields(args, policy), "length": length, "band": band, "sample": s}
-                    if results.has(case):
-                        continue
-                    if not _fits(loaded, policy, length):
-                        continue
-                    if config not in engines:
-                        engines[config] = Engine(loaded, config, stride=args.stride)
-                    engine = engines[config]
+    for recall_on, policy, length in itertools.product([r == "on" for r in args.recall], args.policies, lengths):
+        config = _config(args, policy).resolve(length)  # cascades auto: the span covers the prompt
+        for band in range(len(DEPTH_BANDS)):
+            for s in range(args.samples):
+                case = {**settings, **_policy_fields(args, policy), "length": length, "band": band, "sample": s,
+                        **({"recall": "on", "recall_tokens": args.recall_tokens} if recall_on else {})}
+                if results.has(case):
+                    continue
+                if not _fits(loaded, policy, length):
+                    continue
+                if recall_on:
                     depth, key, offset = passkey_draw(args.seed, length, band, s)
                     hay, at, n_needle = passkey_prompt(tok, length - overhead, depth, key, args.haystack, units,
                                                        offset, args.needle)
-                    digit_pos = [len(prefix) + at + i for i, t in enumerate(hay[at:at + n_needle])
-                                 if any(ch.isdigit() for ch in tok.decode([t]))]
-                    cache = engine.new_cache()
-                    t0 = time.perf_counter()
-                    engine.read([prefix + hay], cache, focus=question if args.focus else None)
-                    kept_read = needle_retention(cache, digit_pos)
-                    kept = []  # at the first answer token: the question has been read too
-                    out = list(engine.generate(cache, question, max_new_tokens=args.new_tokens, stop_ids=stops,
-                                               after_prompt=lambda: kept.append(needle_retention(cache, digit_pos))))
-                    answer = tok.decode(out, skip_special_tokens=True)
-                    exact, per_digit = digits_score(answer, key)
-                    results.add(case, {"key": key, "depth": at / max(1, len(hay) - n_needle),
-                                       "needle_from_end": len(hay) - at, "answer": answer, "exact": exact,
-                                       "per_digit": per_digit, "needle_kept": kept[0], "needle_kept_read": kept_read,
-                                       "cascades_used": config.effective_cascades if policy != "full" else None,
-                                       "span": config.span, "seconds": time.perf_counter() - t0})
-                    _say(f"passkey {policy} {length} tok band {band}: {answer.strip()!r} "
-                         f"({'ok' if exact else 'miss'}, needle digits kept {kept[0]:.2f})")
-    rows = _for_run(results.matching(settings), args)
+                    results.add(case, passkey_with_recall(args, loaded, config, tok.decode(hay), key))
+                    r = results.rows[-1]
+                    _say(f"passkey {policy}+recall {length} tok band {band}: {r['answer'].strip()!r} "
+                         f"({'ok' if r['exact'] else 'miss'}, recall hit {r['hit']})")
+                    continue
+                if config not in engines:
+                    engines[config] = Engine(loaded, config, stride=args.stride)
+                engine = engines[config]
+                depth, key, offset = passkey_draw(args.seed, length, band, s)
+                hay, at, n_needle = passkey_prompt(tok, length - overhead, depth, key, args.haystack, units,
+                                                   offset, args.needle)
+                digit_pos = [len(prefix) + at + i for i, t in enumerate(hay[at:at + n_needle])
+                             if any(ch.isdigit() for ch in tok.decode([t]))]
+                cache = engine.new_cache()
+                t0 = time.perf_counter()
+                engine.read([prefix + hay], cache, focus=question if args.focus else None)
+                kept_read = needle_retention(cache, digit_pos)
+                kept = []  # at the first answer token: the question has been read too
+                out = list(engine.generate(cache, question, max_new_tokens=args.new_tokens, stop_ids=stops,
+                                           after_prompt=lambda: kept.append(needle_retention(cache, digit_pos))))
+                answer = tok.decode(out, skip_special_tokens=True)
+                exact, per_digit = digits_score(answer, key)
+                results.add(case, {"key": key, "depth": at / max(1, len(hay) - n_needle),
+                                   "needle_from_end": len(hay) - at, "answer": answer, "exact": exact,
+                                   "per_digit": per_digit, "needle_kept": kept[0], "needle_kept_read": kept_read,
+                                   "cascades_used": config.effective_cascades if policy != "full" else None,
+                                   "span": config.span, "seconds": time.perf_counter() - t0})
+                _say(f"passkey {policy} {length} tok band {band}: {answer.strip()!r} "
+                     f"({'ok' if exact else 'miss'}, needle digits kept {kept[0]:.2f})")
+    rows = [r for recall in args.recall
+            for r in _for_run(results.matching({**settings, **({"recall": "on"} if recall == "on" else {})}), args)
+            if recall == "off" or r["case"].get("recall_tokens") == args.recall_tokens]
     return summarize_passkey(rows, Path(args.out), loaded.model_id,
                              {**settings, "cascades": args.cascades, "block": args.block,
                               "cascade_sizes": args.cascade_sizes})
+
+
+def passkey_with_recall(args, loaded, config: CacheConfig, text: str, key: str) -> dict:
+    """One passkey case the way a user meets it: the haystack read as a document, then the question
+    asked through ReadingSession with recall. Retention is the key's digit tokens in the document memory
+    (it is frozen, so the same when the answer starts); hit: a recalled passage holds the key."""
+    from . import documents
+    from .session import AnswerSettings, ReadingSession
+
+    t0 = time.perf_counter()
+    session = ReadingSession(loaded, config, stride=args.stride, prompt=args.prompt,
+                             answering=AnswerSettings(recall=True, recall_tokens=args.recall_tokens))
+    doc = documents.document_from_text(text, title="passkey haystack")
+    session.read(doc)
+    first = text.index(key)  # the key's first mention in the needle
+    offsets = np.asarray(session.source_map.offsets)  # char offset of every document token
+    following = np.append(offsets[1:], len(text))
+    digits = np.nonzero((offsets < first + len(key)) & (following > first))[0]
+    kept = needle_retention(session.doc_cache, [session.prefix_tokens + int(i) for i in digits])
+    # no answer prefix here (the model says "The pass key is" itself), so its tokens are added to the limit
+    limit = args.new_tokens + len(loaded.tokenizer(" " + PASSKEY_ANSWER_PREFIX, add_special_tokens=False).input_ids)
+    "".join(session.ask(PASSKEY_QUESTION, max_new_tokens=limit, n_citations=0))
+    answer = session.answers[-1]
+    exact, per_digit = digits_score(answer.text, key)
+    hit = any(key in r["text"] for r in answer.recalled)  # keys are the haystack's only digits
+    return {"key": key, "answer": answer.text, "exact": exact, "per_digit": per_digit, "needle_kept": kept,
+            "needle_kept_read": kept, "hit": hit, "recalled_text": [r["text"] for r in answer.recalled],
+            "recalled_tokens": sum(r["token_end"] - r["token_start"]
+                                                                         for r in answer.recalled),
+            "cascades_used": config.effective_cascades if config.policy != "full" else None, "span": config.span,
+            "seconds": time.perf_counter() - t0}
+
+
+def _row_policy(case: dict) -> str:
+    """A row's label in the tables: its policy, '+recall' when the question was answered with recall."""
+    return case["policy"] + ("+recall" if case.get("recall") == "on" else "")
+
+
+def _policy_order(label: str) -> tuple[int, bool]:
+    return POLICIES.index(label.split("+")[0]), label.endswith("+recall")
 
 
 def passkey_table(rows: list[dict]) -> dict:
@@ -393,7 +448,7 @@ def passkey_table(rows: list[dict]) -> dict:
     cells: dict = {}
     for r in rows:
         c = r["case"]
-        cells.setdefault((c["policy"], c["length"], c["band"]), []).append(r)
+        cells.setdefault((_row_policy(c), c["length"], c["band"]), []).append(r)
     return {k: {"exact": float(np.mean([r["exact"] for r in v])),
                 "per_digit": float(np.mean([r["per_digit"] for r in v])),
                 "kept": float(np.mean([r.get("needle_kept", 1.0) for r in v])), "n": len(v)}
@@ -412,8 +467,7 @@ def retention_groups(rows: list[dict]) -> tuple[list[bool], list[bool], list[boo
 
 def summarize_passkey(rows: list[dict], out: Path, model_id: str, settings: dict) -> dict:
     table = passkey_table(rows)
-    order = {p: i for i, p in enumerate(POLICIES)}
-    policies = sorted({k[0] for k in table}, key=order.get)
+    policies = sorted({k[0] for k in table}, key=_policy_order)
     lengths = sorted({k[1] for k in table})
     summary = {"settings": settings, "cells": [{"policy": p, "length": n, "band": b, **v}
                                                for (p, n, b), v in sorted(table.items())]}
@@ -440,7 +494,7 @@ def summarize_passkey(rows: list[dict], out: Path, model_id: str, settings: dict
     for p in policies:
         cells = []
         for n in lengths:
-            hits = [bool(r["exact"]) for r in rows if r["case"]["policy"] == p and r["case"]["length"] == n]
+            hits = [bool(r["exact"]) for r in rows if _row_policy(r["case"]) == p and r["case"]["length"] == n]
             if not hits:
                 cells.append("-")
                 continue
@@ -460,7 +514,7 @@ def summarize_passkey(rows: list[dict], out: Path, model_id: str, settings: dict
     for p in policies:
         if p == "full":
             continue
-        groups = retention_groups([r for r in rows if r["case"]["policy"] == p])
+        groups = retention_groups([r for r in rows if _row_policy(r["case"]) == p])
         md.append(f"| {p} | " + " | ".join(f"{sum(g)} / {len(g)}" for g in groups) + " |")
     md += ["", "Exact match by needle depth (rows) and length (columns):", ""]
     for p in policies:

@@ -300,11 +300,13 @@ def attention_by_passage(index: PassageIndex, doc_tokens: np.ndarray, weights: n
 
 def rank(index: PassageIndex, question: str, attention: dict[int, float] | None, budget: int,
          tokens_of=lambda p: p.tokens + 8, limit: int = 50, use_bm25: bool = True,
-         offsets: np.ndarray | None = None, narrow_tokens: int = NARROW_TOKENS) -> list[Recalled]:
+         offsets: np.ndarray | None = None, narrow_tokens: int = NARROW_TOKENS,
+         best_tokens: int = 0) -> list[Recalled]:
     """Fuse the BM25 and attention rankings (RRF) and take the best passages that fit `budget` tokens.
 
-    With `offsets` (SourceMap.offsets), each passage is first narrowed to its best-matching lines
-    (`narrow`). tokens_of(passage) is what re-reading it costs (its text and its label). Returns them
+    With `offsets` (SourceMap.offsets), the passages after the best are narrowed to their
+    best-matching lines (`narrow`, at most narrow_tokens each); the best keeps its context: whole, or
+    at most best_tokens (0: whole) when given, and always cut to fit the budget. tokens_of(passage) is what re-reading it costs (its text and its label). Returns them
     in document order, so the model re-reads the book as it is written.
     """
     lexical = index.bm25(question, limit) if use_bm25 else []
@@ -331,8 +333,11 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     picked, used = [], 0
     for pid in sorted(candidates, key=lambda p: (-fused[p], p)):
         whole = p = index.passages[pid]
-        if pid in best and picked:  # the best passage stays whole: the reader needs its context
+        if pid in best and picked:
             p = narrow(whole, text_of(pid), best[pid], offsets, narrow_tokens)
+        elif pid in best:  # the best passage keeps its context: whole, or best_tokens, and within the budget
+            limit = min(best_tokens or whole.tokens, budget - (tokens_of(whole) - whole.tokens))
+            p = narrow(whole, text_of(pid), best[pid], offsets, limit)
         cost = tokens_of(p)
         if used + cost > budget:
             continue

@@ -179,6 +179,24 @@ def test_passkey_grid_is_resumable_and_reported(tmp_path, use_tiny):
     assert (tmp_path / "passkey.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_passkey_with_recall_runs_through_the_session_and_is_reported_apart(tmp_path, use_tiny):
+    # the same grid with --recall on off: the on rows are read and asked through ReadingSession
+    args = eval_args(tmp_path, "passkey", "--window", "112", "--samples", "1", "--lengths-x", "2",
+                     "--policies", "cascade", "--recall", "on", "off", "--recall-tokens", "320")
+    evaluate.run_passkey(args)
+    rows = jsonl(tmp_path / "passkey.jsonl")
+    on = [r for r in rows if r["case"].get("recall") == "on"]
+    assert len(on) == len(rows) - len(on) == len(DEPTH_BANDS)
+    for r in on:
+        assert r["case"]["recall_tokens"] == 320 and 0 < r["recalled_tokens"] <= 320
+        assert r["hit"] == any(r["key"] in p for p in r["recalled_text"])  # keys are the haystack's only digits
+        assert (r["exact"], r["per_digit"]) == digits_score(r["answer"], r["key"])
+    md = (tmp_path / "passkey.md").read_text()
+    assert "| cascade | " in md and "| cascade+recall | " in md
+    evaluate.run_passkey(args)  # resumable: nothing runs twice
+    assert len(jsonl(tmp_path / "passkey.jsonl")) == len(rows)
+
+
 def test_passkey_report_tables(tmp_path):
     settings = {"model": "m", "dtype": "float32", "prompt": "plain", "haystack": "filler", "sinks": 16,
                 "window": 32, "stride": 32, "cascades": 4}

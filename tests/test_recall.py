@@ -116,6 +116,22 @@ def test_recall_narrows_passages_to_the_lines_that_match(index):
     assert sum(r.passage.tokens + 8 for r in narrowed) <= 400
 
 
+def test_a_budget_smaller_than_the_best_passage_still_recalls_its_best_lines(index):
+    doc, idx = index
+    offsets = char_offsets(doc.text)
+    question = "What did the house of Israel call the bread from heaven?"
+    best = idx.passages[idx.bm25(question, 1)[0][0]]
+    budget = best.tokens // 2 + 8  # the best passage whole (and its label) is over the budget
+    picked = recall.rank(idx, question, None, budget=budget, offsets=offsets, narrow_tokens=60)
+    assert picked and sum(r.passage.tokens + 8 for r in picked) <= budget
+    lead = next(r for r in picked if r.passage.id == best.id)  # it was not skipped...
+    assert lead.passage.tokens < best.tokens and "Manna" in lead.text  # ...but cut to its best lines
+    # best_tokens cuts the best passage even when it would fit whole
+    cut = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60, best_tokens=60)
+    lead = next(r for r in cut if r.passage.id == best.id)
+    assert lead.passage.tokens <= 60 and "Manna" in lead.text
+
+
 def test_fts_query_is_safe_for_any_question(index):
     _, idx = index
     for q in ['"unbalanced', "NEAR(a b)", "a* OR -b", "col:value", "Moses' rod?"]:
