@@ -75,6 +75,9 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall-narrow", type=int, default=d.recall_narrow,
                    help="cut recalled passages after the best one to their best-matching lines, at most "
                         "this many tokens (0 = whole passages)")
+    p.add_argument("--recall-best", type=int, default=d.recall_best,
+                   help="cut the best recalled passage to at most this many tokens around its best-matching "
+                        "line (0 = whole)")
     p.add_argument("--memory-in-answer", action="store_true",
                    help="keep the cascade memory in view while answering from recalled passages")
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
@@ -87,7 +90,7 @@ def answer_settings(args):
     from .session import AnswerSettings
 
     return AnswerSettings(recall=args.recall == "on", recall_tokens=args.recall_tokens,
-                          recall_narrow=args.recall_narrow,
+                          recall_narrow=args.recall_narrow, recall_best=args.recall_best,
                           repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram,
                           memory_in_answer=args.memory_in_answer)
 

@@ -100,7 +100,10 @@ def run_books(args) -> dict:
 
     qa_defaults(args)
     # built (and so checked) before the model loads
-    answering = AnswerSettings(recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow)
+    if args.recall_best is None:
+        args.recall_best = AnswerSettings.recall_best
+    answering = AnswerSettings(recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
+                               recall_best=args.recall_best)
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
@@ -108,7 +111,8 @@ def run_books(args) -> dict:
     results = Results(out / "books.jsonl")
     settings = _settings(args, loaded, "books", prompt=prompt, new_tokens=args.new_tokens,
                          cascades=args.cascades, recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
-                         attention_weight=rc.FUSION["attention"])
+                         attention_weight=rc.FUSION["attention"],
+                         **({"recall_best": args.recall_best} if args.recall_best else {}))  # old rows: whole
     if args.bible:
         groups = {"Bible": [dict(q, doc="Bible") for q in data["bible"]]}
     else:
@@ -162,7 +166,7 @@ def run_books(args) -> dict:
                         picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
                                          args.recall_tokens, tokens_of=session.recall_cost,
                                          use_bm25=kw.get("use_bm25", True), offsets=session.source_map.offsets,
-                                         narrow_tokens=args.recall_narrow)
+                                         narrow_tokens=args.recall_narrow, best_tokens=args.recall_best)
                         row[f"hit_{name}"] = hits(char_ranges(x.passage for x in picked), gold)
                 t0 = time.perf_counter()
                 "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, recall_on=r == "on"))

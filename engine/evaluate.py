@@ -103,6 +103,9 @@ def add_arguments(parser) -> None:
             p.add_argument("--recall", nargs="+", choices=["on", "off"], default=None,
                            help="recall settings to run (synthetic: off; books: on off)")
             p.add_argument("--recall-tokens", type=int, default=384, help="recall budget (tokens)")
+            p.add_argument("--recall-best", type=int, default=None,
+                           help="books: the best recalled passage cut to at most this many tokens (0 = whole; "
+                                "default: the engine's)")
             p.add_argument("--recall-narrow", type=int, default=NARROW_TOKENS,
                            help="books: recalled passages after the best one cut to at most this many "
                                 "tokens (0 = whole)")
@@ -169,7 +172,7 @@ class Results:
 
     def matching(self, settings: dict) -> list[dict]:
         """Rows whose case agrees with every given setting."""
-        keys = set(settings) | {"beta", "head_reduce", "recall", "focus"}  # an ablation row never counts as a default one
+        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "recall_best"}  # an ablation row never counts as a default one
         return [r for r in self.rows if all(r["case"].get(k) == settings.get(k) for k in keys)]
 
 

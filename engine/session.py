@@ -78,6 +78,8 @@ class AnswerSettings:
     # Passages after the best one are cut to their best-matching lines, at most this many tokens
     # (0: every passage whole). recall.NARROW_TOKENS says why.
     recall_narrow: int = NARROW_TOKENS
+    # The best passage keeps its context, at most this many tokens around its best line (0: whole).
+    recall_best: int = 0
     conversation_tokens: int = 768  # tail budget for earlier turns of a running conversation
     question_tokens: int = 512  # longest question accepted
     repetition_penalty: float = 1.1  # transformers' RepetitionPenaltyLogitsProcessor over the answer so far
@@ -88,7 +90,7 @@ class AnswerSettings:
     recent_in_answer: int = 0  # with the memory hidden, keep this many most recent slots in view
 
     def __post_init__(self):
-        for name in ("recall_tokens", "recall_narrow", "conversation_tokens", "question_tokens"):
+        for name in ("recall_tokens", "recall_narrow", "recall_best", "conversation_tokens", "question_tokens"):
             if getattr(self, name) < 0 or (name == "question_tokens" and self.question_tokens < 1):
                 raise UserError(f"{name.replace('_', '-')} must be >= {1 if name == 'question_tokens' else 0}, "
                                 f"not {getattr(self, name)}")
@@ -382,7 +384,8 @@ class ReadingSession:
         attention = self.passage_attention(question, cache) if wanted else None
         return recall.rank(self.index, question, attention, self.answering.recall_tokens,
                            tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"),
-                           offsets=self.source_map.offsets, narrow_tokens=self.answering.recall_narrow)
+                           offsets=self.source_map.offsets, narrow_tokens=self.answering.recall_narrow,
+                           best_tokens=self.answering.recall_best)
 
     @staticmethod
     def recall_cost(p: recall.Passage) -> int:

@@ -46,6 +46,8 @@ def cases(doc, tmp):
         ([*ask, "--threads", 0], "threads must be 'auto' or an integer >= 1"),
         ([*ask, "--threads", "many"], "threads must be 'auto' or an integer >= 1"),
         ([*ask, "--recall-tokens", -1], "recall-tokens must be >= 0"),
+        ([*ask, "--recall-best", -1], "recall-best must be >= 0"),
+        ([*ask, "--recall-narrow", -1], "recall-narrow must be >= 0"),
         ([*ask, "--repetition-penalty", 0.5], "repetition penalty must be >= 1"),
         ([*ask, "--model", tmp / "no" / "such"], "no such folder or file"),
         ([*ask, "--load", tmp / "nothing"], "no snapshot there"),
