@@ -557,7 +557,9 @@ class ReadingSession:
         wanted = self.requested.to_dict()
         if wanted["cascades"] == "auto":  # any resolved C fits "auto"
             wanted["cascades"] = man["config"].get("cascades")
-        if man["config"] != wanted or man["stride"] != self.stride or man["prompt"] != self.format.name:
+        # options added since a snapshot was saved were at their defaults when it was read
+        saved = {**CacheConfig().to_dict(), **man["config"]}
+        if saved != wanted or man["stride"] != self.stride or man["prompt"] != self.format.name:
             raise UserError(f"{man_path}: made with other cache settings ({man['config']}, stride {man['stride']}, "
                             f"prompt {man['prompt']}); use the same settings to load it")
         doc = man["document"]
