@@ -305,9 +305,10 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     """Fuse the BM25 and attention rankings (RRF) and take the best passages that fit `budget` tokens.
 
     With `offsets` (SourceMap.offsets), the passages after the best are narrowed to their
-    best-matching lines (`narrow`, at most narrow_tokens each); the best keeps its context: whole, or
-    at most best_tokens (0: whole) when given, and always cut to fit the budget. tokens_of(passage) is what re-reading it costs (its text and its label). Returns them
-    in document order, so the model re-reads the book as it is written.
+    best-matching lines (`narrow`, at most narrow_tokens each). The best keeps its context: whole
+    (best_tokens 0) or at most best_tokens, and always cut to fit the budget. tokens_of(passage) is
+    what re-reading it costs (its text and its label). Returns them in document order, so the model
+    re-reads the book as it is written.
     """
     lexical = index.bm25(question, limit) if use_bm25 else []
     by_attention = sorted((attention or {}).items(), key=lambda kv: -kv[1])[:limit]
@@ -335,7 +336,7 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
         whole = p = index.passages[pid]
         if pid in best and picked:
             p = narrow(whole, text_of(pid), best[pid], offsets, narrow_tokens)
-        elif pid in best:  # the best passage keeps its context: whole, or best_tokens, and within the budget
+        elif pid in best:  # the best passage keeps its context (the reader needs it), within the budget
             limit = min(best_tokens or whole.tokens, budget - (tokens_of(whole) - whole.tokens))
             p = narrow(whole, text_of(pid), best[pid], offsets, limit)
         cost = tokens_of(p)
