@@ -161,12 +161,8 @@ def run_books(args) -> dict:
                        "index_mb": session.index.nbytes_on_disk() / 2 ** 20}
                 if r == "on":  # how each signal alone would have done, for the ablation table
                     cache = freeze(session.doc_cache, session.answering.question_tokens + 96)
-                    attention = session.passage_attention(it["question"], cache)
-                    for name, kw in (("bm25", dict(attention=None)), ("attention", dict(use_bm25=False))):
-                        picked = rc.rank(session.index, it["question"], kw.get("attention", attention),
-                                         args.recall_tokens, tokens_of=session.recall_cost,
-                                         use_bm25=kw.get("use_bm25", True), offsets=session.source_map.offsets,
-                                         narrow_tokens=args.recall_narrow, best_tokens=args.recall_best)
+                    for name in ("bm25", "attention"):
+                        picked = session.locate(it["question"], cache, signals=name)
                         row[f"hit_{name}"] = hits(char_ranges(x.passage for x in picked), gold)
                 t0 = time.perf_counter()
                 "".join(session.ask(it["question"], max_new_tokens=args.new_tokens, recall_on=r == "on"))

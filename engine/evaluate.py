@@ -172,7 +172,8 @@ class Results:
 
     def matching(self, settings: dict) -> list[dict]:
         """Rows whose case agrees with every given setting."""
-        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "recall_best"}  # an ablation row never counts as a default one
+        # an ablation row never counts as a default one
+        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "recall_best"}
         return [r for r in self.rows if all(r["case"].get(k) == settings.get(k) for k in keys)]
 
 
@@ -365,10 +366,10 @@ def run_passkey(args) -> dict:
                     continue
                 if not _fits(loaded, policy, length):
                     continue
+                depth, key, offset = passkey_draw(args.seed, length, band, s)
+                hay, at, n_needle = passkey_prompt(tok, length - overhead, depth, key, args.haystack, units,
+                                                   offset, args.needle)
                 if recall_on:
-                    depth, key, offset = passkey_draw(args.seed, length, band, s)
-                    hay, at, n_needle = passkey_prompt(tok, length - overhead, depth, key, args.haystack, units,
-                                                       offset, args.needle)
                     results.add(case, passkey_with_recall(args, loaded, config, tok.decode(hay), key))
                     r = results.rows[-1]
                     _say(f"passkey {policy}+recall {length} tok band {band}: {r['answer'].strip()!r} "
@@ -377,9 +378,6 @@ def run_passkey(args) -> dict:
                 if config not in engines:
                     engines[config] = Engine(loaded, config, stride=args.stride)
                 engine = engines[config]
-                depth, key, offset = passkey_draw(args.seed, length, band, s)
-                hay, at, n_needle = passkey_prompt(tok, length - overhead, depth, key, args.haystack, units,
-                                                   offset, args.needle)
                 digit_pos = [len(prefix) + at + i for i, t in enumerate(hay[at:at + n_needle])
                              if any(ch.isdigit() for ch in tok.decode([t]))]
                 cache = engine.new_cache()
@@ -419,10 +417,7 @@ def passkey_with_recall(args, loaded, config: CacheConfig, text: str, key: str) 
     doc = documents.document_from_text(text, title="passkey haystack")
     session.read(doc)
     first = text.index(key)  # the key's first mention in the needle
-    offsets = np.asarray(session.source_map.offsets)  # char offset of every document token
-    following = np.append(offsets[1:], len(text))
-    digits = np.nonzero((offsets < first + len(key)) & (following > first))[0]
-    kept = needle_retention(session.doc_cache, [session.prefix_tokens + int(i) for i in digits])
+    kept = needle_retention(session.doc_cache, _stream_positions(session, text, first, first + len(key)))
     # no answer prefix here (the model says "The pass key is" itself), so its tokens are added to the limit
     limit = args.new_tokens + len(loaded.tokenizer(" " + PASSKEY_ANSWER_PREFIX, add_special_tokens=False).input_ids)
     "".join(session.ask(PASSKEY_QUESTION, max_new_tokens=limit, n_citations=0))
@@ -431,8 +426,7 @@ def passkey_with_recall(args, loaded, config: CacheConfig, text: str, key: str) 
     hit = any(key in r["text"] for r in answer.recalled)  # keys are the haystack's only digits
     return {"key": key, "answer": answer.text, "exact": exact, "per_digit": per_digit, "needle_kept": kept,
             "needle_kept_read": kept, "hit": hit, "recalled_text": [r["text"] for r in answer.recalled],
-            "recalled_tokens": sum(r["token_end"] - r["token_start"]
-                                                                         for r in answer.recalled),
+            "recalled_tokens": sum(r["token_end"] - r["token_start"] for r in answer.recalled),
             "cascades_used": config.effective_cascades if config.policy != "full" else None, "span": config.span,
             "seconds": time.perf_counter() - t0}
 
@@ -823,7 +817,11 @@ def _fact_positions(session, doc, item) -> list[int]:
     text = doc.text
     line = f'Remember: the special word for {item["ref"]} is "{item["word"]}".'
     start = text.index(line) + line.index(f'"{item["word"]}"') + 1
-    end = start + len(item["word"])
+    return _stream_positions(session, text, start, start + len(item["word"]))
+
+
+def _stream_positions(session, text: str, start: int, end: int) -> list[int]:
+    """Stream positions (prompt prefix included) of the document tokens that overlap text[start:end]."""
     offsets = np.asarray(session.source_map.offsets)  # char offset of every document token
     following = np.append(offsets[1:], len(text))
     hits = np.nonzero((offsets < end) & (following > start))[0]

@@ -334,10 +334,9 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     picked, used = [], 0
     for pid in sorted(candidates, key=lambda p: (-fused[p], p)):
         whole = p = index.passages[pid]
-        if pid in best and picked:
-            p = narrow(whole, text_of(pid), best[pid], offsets, narrow_tokens)
-        elif pid in best:  # the best passage keeps its context (the reader needs it), within the budget
-            limit = min(best_tokens or whole.tokens, budget - (tokens_of(whole) - whole.tokens))
+        if pid in best:  # the best passage keeps its context (the reader needs it), within the budget
+            limit = narrow_tokens if picked else min(best_tokens or whole.tokens,
+                                                     budget - (tokens_of(whole) - whole.tokens))
             p = narrow(whole, text_of(pid), best[pid], offsets, limit)
         cost = tokens_of(p)
         if used + cost > budget:
