@@ -335,8 +335,10 @@ def run_passkey(args) -> dict:
     from . import models
     from .prompts import prompt_format
     from .runtime import Engine
+    from .session import AnswerSettings
 
     _check_args(args)
+    answering = AnswerSettings(recall=True, recall_tokens=args.recall_tokens)  # checked before the model loads
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     tok = loaded.tokenizer
     fmt = prompt_format(tok, args.prompt, loaded.bos)
@@ -370,7 +372,7 @@ def run_passkey(args) -> dict:
                 hay, at, n_needle = passkey_prompt(tok, length - overhead, depth, key, args.haystack, units,
                                                    offset, args.needle)
                 if recall_on:
-                    results.add(case, passkey_with_recall(args, loaded, config, tok.decode(hay), key))
+                    results.add(case, passkey_with_recall(args, loaded, config, answering, tok.decode(hay), key))
                     r = results.rows[-1]
                     _say(f"passkey {policy}+recall {length} tok band {band}: {r['answer'].strip()!r} "
                          f"({'ok' if r['exact'] else 'miss'}, recall hit {r['hit']})")
@@ -404,16 +406,15 @@ def run_passkey(args) -> dict:
                               "cascade_sizes": args.cascade_sizes})
 
 
-def passkey_with_recall(args, loaded, config: CacheConfig, text: str, key: str) -> dict:
+def passkey_with_recall(args, loaded, config: CacheConfig, answering, text: str, key: str) -> dict:
     """One passkey case the way a user meets it: the haystack read as a document, then the question
     asked through ReadingSession with recall. Retention is the key's digit tokens in the document memory
     (it is frozen, so the same when the answer starts); hit: a recalled passage holds the key."""
     from . import documents
-    from .session import AnswerSettings, ReadingSession
+    from .session import ReadingSession
 
     t0 = time.perf_counter()
-    session = ReadingSession(loaded, config, stride=args.stride, prompt=args.prompt,
-                             answering=AnswerSettings(recall=True, recall_tokens=args.recall_tokens))
+    session = ReadingSession(loaded, config, stride=args.stride, prompt=args.prompt, answering=answering)
     doc = documents.document_from_text(text, title="passkey haystack")
     session.read(doc)
     first = text.index(key)  # the key's first mention in the needle

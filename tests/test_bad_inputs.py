@@ -55,6 +55,7 @@ def cases(doc, tmp):
         (["ask", tmp / "empty.txt", "-q", "x"], "empty.txt"),
         (["ask", tmp / "junk.pdf", "-q", "x"], "junk.pdf"),
         (["ask", tmp / "long.txt", "-q", "x", "--policy", "full"], "past the 8,192 that"),
+        (["eval", "passkey", "--recall", "on", "--recall-tokens", -1, "--out", tmp / "pk"], "recall-tokens must be >= 0"),
     ]
 
 
