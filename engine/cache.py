@@ -24,6 +24,7 @@ POLICIES = ("cascade", "sink", "full")
 
 
 SIZE_RULES = ("equal", "half")  # named rules for --cascade-sizes (or an explicit list "N,N,...")
+CONTESTS = ("head", "layer", "model")  # who shares one contest: each KV head (the paper), each layer, the model
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class CacheConfig:
     rope: str = "cache"  # RoPE at positions inside the cache, or "original" stream positions (ablation)
     block: int = 1  # tokens that move through the cascades as one (1: the paper's token contests)
     cascade_sizes: str = "equal"  # "equal", "half" (cascade 0 gets half the window) or "N,N,..."
+    # who decides a contest: "head" (the paper: every KV head of every layer keeps its own tokens),
+    # "layer" (a layer's KV heads decide together) or "model" (one decision for every layer and head)
+    contest: str = "head"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -66,6 +70,8 @@ class CacheConfig:
             raise UserError(f"rope must be 'cache' or 'original', not '{self.rope}'")
         if self.head_reduce not in ("max", "mean"):
             raise UserError(f"head_reduce must be 'max' or 'mean', not '{self.head_reduce}'")
+        if self.contest not in CONTESTS:
+            raise UserError(f"contest must be one of {', '.join(CONTESTS)}, not '{self.contest}'")
 
     def _explicit_sizes(self) -> list[int] | None:
         if self.cascade_sizes in SIZE_RULES:
@@ -439,6 +445,21 @@ class CascadeCache(KVCache):
         if values.stride(-1) != 1:
             values = values.contiguous()
         return Tokens(keys, values, chunk_score[:, :, k:], pos[:, :, k:])
+
+    def contest_scores(self, score: torch.Tensor | None) -> torch.Tensor | None:
+        """Scores as the contest's deciders see them. score: [layers * batch, kv_heads, n] (all layers
+        as batch rows, see `layers_as_batch`) -> the same shape.
+
+        "head" leaves them alone (the paper). "layer" gives every KV head of a layer their mean, and
+        "model" every layer and head theirs, so the deciders agree on every contest: they hold the
+        same tokens in the same slots, and a kept token is whole in every head (and every layer),
+        where per-head contests keep a needle's tokens scattered over heads (docs/eval.md, issue 10).
+        """
+        if score is None or self.config.contest == "head":
+            return score
+        s = score.view(self.n_layers, self.batch, self.kv_heads, -1)  # [layers, batch, kv_heads, n]
+        dims = (2,) if self.config.contest == "layer" else (0, 2)
+        return s.mean(dims, keepdim=True).expand_as(s).reshape(score.shape)
 
     def layers_as_batch(self) -> "CascadeCache":
         """All layers as the batch rows of one layer: a copy of the storage, to push every layer at once.

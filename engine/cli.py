@@ -63,6 +63,9 @@ def add_layout_options(p: argparse.ArgumentParser, default_block: int | None = N
     p.add_argument("--cascade-sizes", default=d.cascade_sizes if default_sizes is None else default_sizes,
                    help="slots per cascade: equal, half (cascade 0, the newest tokens, gets half the window) "
                         "or a list like 512,256,256,256 adding up to the window")
+    p.add_argument("--contest", choices=["head", "layer", "model"], default=d.contest,
+                   help="who decides which token stays: each KV head of each layer (the paper), each layer, "
+                        f"or one decision for the whole model, so kept tokens are whole in every head (default {d.contest})")
 
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
@@ -99,7 +102,8 @@ def cache_config(args):
     from .cache import CacheConfig
 
     return CacheConfig(policy=args.policy, sinks=args.sinks, window=args.window, cascades=args.cascades,
-                       beta=args.beta, rope=args.rope, block=args.block, cascade_sizes=args.cascade_sizes)
+                       beta=args.beta, rope=args.rope, block=args.block, cascade_sizes=args.cascade_sizes,
+                       contest=args.contest)
 
 
 def load(args, say):

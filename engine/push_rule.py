@@ -27,7 +27,9 @@ of each pair, and a C-cascade cache spans about S + sum_i w_i 2**i tokens.
 
 Scores: after each chunk of L queries, every resident's score becomes beta**L * score + its gain
 (the attention the chunk's queries gave it); a new token starts with the attention of the
-chunk's later queries (see engine.attention).
+chunk's later queries (see engine.attention). The rule runs for one KV head; with a shared contest
+(`CacheConfig.contest` "layer" or "model") every head it spans is given the mean of their scores
+(`CascadeCache.contest_scores`), so they all make the same decisions and hold the same tokens.
 """
 
 from __future__ import annotations

@@ -146,7 +146,9 @@ def push_pending(part: PartStep) -> None:
         return None if items[0] is None else torch.cat(items)
 
     batch = part.cache.layers_as_batch()
-    kernels.cascade_push(batch, 0, part.plan, *(stacked(i) for i in range(4)))
+    key, value, cache_score, chunk_score = (stacked(i) for i in range(4))
+    cache_score, chunk_score = part.cache.contest_scores(cache_score), part.cache.contest_scores(chunk_score)
+    kernels.cascade_push(batch, 0, part.plan, key, value, cache_score, chunk_score)
     part.cache.take_layers(batch)
     part.pending.clear()
 

@@ -212,6 +212,7 @@ def test_blocks_move_whole_and_cascade_zero_keeps_its_size():
     (dict(window=256, cascades=4, cascade_sizes="128,64,64"), "give 4 cascades"),
     (dict(cascade_sizes="big"), "cascade sizes"),
     (dict(block=0), "block"),
+    (dict(contest="everyone"), "contest must be one of head, layer, model"),
 ])
 def test_bad_config_is_a_user_error(kwargs, msg):
     with pytest.raises(UserError, match=msg):

@@ -149,6 +149,34 @@ def test_pushing_all_layers_at_once_equals_one_push_per_layer(tiny_llama):
             assert torch.equal(a, per_layer.state()[name]), (chunk, name)
 
 
+@pytest.mark.parametrize("block", [1, 4])
+def test_shared_contests_keep_the_same_tokens_in_every_head_they_span(block):
+    """--contest layer: a layer's KV heads hold the same tokens; model: every layer and head does.
+    The paper's per-head contests (head) let them differ, which is what sharing is for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import device_under_test
+    from engine.models import LoadedModel
+
+    torch.manual_seed(0)  # large weights: sharp attention, so heads disagree on which tokens matter
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=257, initializer_range=0.5)
+    sharp = LoadedModel(model=LlamaForCausalLM(config).eval().to(device_under_test()), tokenizer=None,
+                        spec="tiny", model_id="tiny-llama-sharp", prompt_format="plain")
+    ids = torch.randint(0, 257, (600,), generator=torch.Generator().manual_seed(6)).tolist()
+    pos = {}
+    for contest in ("head", "layer", "model"):
+        engine = Engine(sharp, CacheConfig(sinks=4, window=64, cascades=4, block=block, contest=contest), stride=32)
+        _, cache = read_logits(engine, ids, 32)
+        pos[contest] = torch.stack([cache.pos[layer][0] for layer in range(cache.n_layers)])  # [layers, kv_heads, slots]
+        assert cache.n_valid == 68
+    assert cache.kv_heads > 1 and cache.n_layers > 1
+    assert not torch.equal(pos["head"], pos["head"][:, :1].expand_as(pos["head"]))  # heads differ
+    assert torch.equal(pos["layer"], pos["layer"][:, :1].expand_as(pos["layer"]))
+    assert not torch.equal(pos["layer"], pos["layer"][:1].expand_as(pos["layer"]))  # layers still differ
+    assert torch.equal(pos["model"], pos["model"][:1, :1].expand_as(pos["model"]))
+
+
 def test_rope_at_cache_positions_matches_model_rotation(tiny_llama):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
