@@ -427,6 +427,8 @@ def summary_progress(status: dict | None, sections_done: int) -> str:
         return "Starting…"
     if status["phase"] == "final":
         said = f"Writing the summary of the whole document from {section_summaries(sections_done)}"
+        if "part" in status:
+            said += f": part {status['part'] + 1} of {status['parts']} ({status['label']})"
     else:
         what = "reading" if status["phase"] == "reading" else "summarizing"
         said = f"Section {status['index'] + 1} of {status['of']} ({status['label']}): {what}"

@@ -244,7 +244,8 @@ def cmd_summarize(args) -> int:
                 sections.append(event)
             if kind == "status" and event["phase"] != "reading" and not args.quiet:
                 eta = event["eta_seconds"]
-                where = ("final summary" if event["phase"] == "final" else
+                where = (f"final summary, part {event['part'] + 1}/{event['parts']}: {event['label']}"
+                         if event["phase"] == "final" else
                          f"section {event['index'] + 1}/{event['of']}: {event['label']}")
                 bar.write(f"[{where}{f', about {eta:.0f} s left' if eta is not None else ''}]", file=sys.stderr)
             if args.json or kind not in ("section_delta", "delta"):

@@ -15,10 +15,11 @@ SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering it
 SECTION_QUESTION = "Summarize {label} in two or three sentences: who does what. Use only the names it gives."
 # a base model (plain format) continues text rather than following requests: it gets the start of the summary
 SECTION_LEAD = "In two or three sentences, using only its own names and events, {label} tells how"
-FINAL_SUMMARY_LEAD = "In a few sentences, and in the order of these sections, {title} tells how"
-FINAL_SUMMARY_QUESTION = ("These are summaries of the consecutive sections of {title}, in order. Write one "
-                          "summary of the whole document in a few sentences, in the same order, naming its main "
-                          "people and places. Use only the names and events given above.")
+# The final summary is written in parts (summaries.FINAL_PARTS), each from the summaries of a run of
+# consecutive sections; {labels}: "Chapter 1 to Chapter 3"
+FINAL_SUMMARY_LEAD = "In one or two sentences, {labels} of {title} tells how"
+FINAL_SUMMARY_QUESTION = ("These are summaries of {labels} of {title}, in order. Summarize them in one or two "
+                          "sentences, naming the main people and places. Use only the names and events given above.")
 
 
 @dataclass(frozen=True)

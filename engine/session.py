@@ -25,6 +25,7 @@ from .devices import peak_memory_mb
 from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
+from .grounding import SourceNames
 from .prompts import DOC_OUTRO, SUMMARY_QUESTION, PromptFormat, prompt_format
 from .recall import NARROW_TOKENS
 from .runtime import Engine, ReadProgress
@@ -258,11 +259,13 @@ class ReadingSession:
     def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
-            passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None) -> Iterator[str]:
+            passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None,
+            names_from: str | None = None) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
         `passages`: re-read these instead of the ones recall would choose for the question (summaries);
-        `keep_memory`: keep the cascade memory in view beside recalled passages (default: the setting).
+        `keep_memory`: keep the cascade memory in view beside recalled passages (default: the setting);
+        `names_from`: a text whose names and numbers are the only ones the answer may write (summaries).
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -300,7 +303,7 @@ class ReadingSession:
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
-                                  n_citations, tail_doc=tail_doc, start=start)
+                                  n_citations, tail_doc=tail_doc, start=start, names_from=names_from)
         if continue_conversation:
             self.turns = turns + [(question, answer.text)]
 
@@ -392,7 +395,10 @@ class ReadingSession:
         return p.tokens + 10  # its text and its "[label]" line
 
     def _generate(self, cache, prompt_ids, answer: Answer, max_new_tokens, temperature, top_p, should_stop,
-                  seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None) -> Iterator[str]:
+                  seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None,
+                  names_from: str | None = None) -> Iterator[str]:
+        """names_from: a source text; names and numbers the answer writes must occur in it
+        (`engine.grounding.SourceNames`: summaries use it)."""
         tok = self.loaded.tokenizer
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                              tok.convert_tokens_to_ids("<end_of_turn>"))
@@ -402,7 +408,7 @@ class ReadingSession:
         start = start or time.perf_counter()
         ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
-                                          should_stop, seed, logits_processor=self._processor(),
+                                          should_stop, seed, logits_processor=self._processor(names_from),
                                           after_prompt=memory.reset_scores if memory else None):
             if not ids:
                 answer.first_token_seconds = time.perf_counter() - start
@@ -427,8 +433,9 @@ class ReadingSession:
         if memory is not None and memory.scored and n_citations > 0:
             answer.citations = self._citations(memory, n_citations, tail_doc)
 
-    def _processor(self):
-        """Repetition control over the answer so far (transformers' logits processors)."""
+    def _processor(self, names_from: str | None = None):
+        """Repetition control over the answer so far (transformers' logits processors), and with
+        `names_from` only the names and numbers that text has (`engine.grounding`)."""
         from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
                                   RepetitionPenaltyLogitsProcessor)
 
@@ -438,9 +445,15 @@ class ReadingSession:
             procs.append(RepetitionPenaltyLogitsProcessor(a.repetition_penalty))
         if a.no_repeat_ngram > 0:
             procs.append(NoRepeatNGramLogitsProcessor(a.no_repeat_ngram))
-        if not procs:
+        grounded = SourceNames(names_from, self.loaded.tokenizer) if names_from else None
+        if not procs and grounded is None:
             return None
-        return lambda ids, logits: procs(torch.tensor([ids], dtype=torch.long), logits[None])[0] if ids else logits
+
+        def process(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            if ids and procs:
+                logits = procs(torch.tensor([ids], dtype=torch.long), logits[None])[0]
+            return grounded(ids, logits) if grounded is not None else logits
+        return process
 
     def _citations(self, memory: FrozenMemory, k: int, tail_doc: np.ndarray | None) -> list[Citation]:
         """Passages that the answer attended to most, in recalled passages and in the cache's slots.
@@ -504,7 +517,7 @@ class ReadingSession:
                                       settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
         yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                             should_stop=should_stop, recall_on=passages is not None, passages=passages,
-                            keep_memory=True)
+                            keep_memory=True, names_from=self.document.title + "\n" + self.source_map.text)
 
     # ---------------------------------------------------------------- retention view
     def retention(self, layer: int | None = None) -> dict:

@@ -143,7 +143,9 @@ def test_section_summaries_cover_every_section(smollm2):
     assert all(s["summary"].strip() for s in sections)
     status = [(e["index"], e["phase"]) for e in events if e["type"] == "status"]
     assert status == [(0, "reading"), (0, "summarizing"), (1, "reading"), (1, "summarizing"), (2, "reading"),
-                      (2, "summarizing"), (3, "final")]
+                      (2, "summarizing"), (3, "final"), (3, "final"), (3, "final")]
+    parts = [(e["part"], e["parts"], e["label"]) for e in events if e["type"] == "status" and e["phase"] == "final"]
+    assert parts == [(0, 3, "p. 1"), (1, 3, "p. 2"), (2, 3, "p. 3")]  # the final summary in the book's order
     etas = [e["eta_seconds"] for e in events if e["type"] == "status"]
     assert etas[:2] == [None, None] and all(x is not None and x >= 0 for x in etas[2:])  # once one is timed
     assert events[-1]["type"] == "done" and events[-1]["summary"].strip()

@@ -1,0 +1,98 @@
+"""Grounded names: a summary may name only the people, places and numbers its source names.
+
+A 135M model fills the gaps of what it read with what it knows: "Mount Sinai" and "the Red Sea" in
+a summary of Exodus 1-12, "the Messiah, Jesus Christ" in one of Genesis, verse numbers from other
+chapters (docs/eval.md, issue 14). Asking it to "use only the names it gives" did not help. So the
+decoder enforces it: `SourceNames` is a logits processor that, at each step, walks the most likely
+next tokens and rules out those that would start, continue or end a capitalised word or a number
+the source never writes (case-insensitive, so the KJV's "LORD" grounds "Lord"; "Israelites" is
+grounded by "Israel"). Words in lower case are never touched: the model keeps its own wording.
+
+The rule, for the word being written (letters and digits since the last other character):
+- a capitalised word or a number must stay a prefix of a source word (or of a source word plus a
+  demonym ending) while it grows, and be a whole one when it ends;
+- at the start of a sentence a capitalised common word ("The", "After", "Then") is allowed too
+  (`eval_summary.COMMON`, the list the grounding metric uses). Only there: in mid-sentence, "Mo"
+  (a start of "Moreover") let the model on to "Moab" in a chapter that never names it.
+If every likely token is ruled out, more are examined (`WIDER`) before the model keeps its choice.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .eval_summary import COMMON, DEMONYM
+
+_WORD = re.compile(r"[A-Za-z0-9]+")
+CANDIDATES = 40  # next tokens examined per step, most likely first; beyond them the model's choice is rare
+WIDER = 1000  # examined when all of the first CANDIDATES are ruled out
+
+
+class SourceNames:
+    """logits_processor(generated ids, logits [vocab]) -> logits, with ungrounded names ruled out."""
+
+    def __init__(self, source: str, tokenizer, candidates: int = CANDIDATES):
+        self.tokenizer, self.candidates = tokenizer, candidates
+        self.words = {w.lower() for w in _WORD.findall(source)}
+        # names the source writes with a capital, the only ones a demonym ending may follow ("Israelites")
+        self.names = {w.lower() for w in _WORD.findall(source) if w[0].isupper() and len(w) >= 3} - COMMON
+        self.prefixes = {w[:i] for w in self.words for i in range(1, len(w) + 1)}
+        self.common_prefixes = {w[:i] for w in COMMON for i in range(1, len(w) + 1)}
+        self.endings = {s[:i] for s in DEMONYM for i in range(1, len(s) + 1)}
+        self._pieces: dict[int, str] = {}
+
+    # ---- the rule, on strings
+    def _grown(self, word: str, opens_sentence: bool) -> bool:
+        """Whether `word` (lower case) may still become a grounded word."""
+        if word in self.prefixes or (opens_sentence and word in self.common_prefixes):
+            return True
+        return any(word[:i] in self.names and word[i:] in self.endings for i in range(3, len(word)))
+
+    def _whole(self, word: str, opens_sentence: bool) -> bool:
+        if word in self.words or (opens_sentence and word in COMMON):
+            return True
+        return any(word[:i] in self.names and word[i:] in DEMONYM for i in range(3, len(word)))
+
+    @staticmethod
+    def _checked(word: str) -> bool:
+        """Names and numbers are checked; words that start in lower case are the model's own."""
+        return bool(word) and (word[0].isupper() or word[0].isdigit())
+
+    def allowed(self, text: str, piece: str) -> bool:
+        """Whether `piece` may follow `text` (what the model wrote so far)."""
+        tail = re.search(r"[A-Za-z0-9]*$", text).group()
+        before, joined = text[:len(text) - len(tail)], tail + piece
+        for m in _WORD.finditer(joined):
+            w, b = m.group(), m.end()
+            if not self._checked(w):
+                continue
+            finished = b < len(joined)  # something other than a letter or digit follows it in this piece
+            if b <= len(tail) and not finished:
+                continue  # the unchanged tail, still open: it was checked when written
+            opens = (before + joined[:m.start()]).rstrip()[-1:] in ("", ".", "!", "?", ":", '"', "\n")
+            low = w.lower()
+            if not (self._whole(low, opens) if finished else self._grown(low, opens)):
+                return False
+        return True
+
+    # ---- the processor
+    def _piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.decode([token])
+        return self._pieces[token]
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        text = self.tokenizer.decode(generated, skip_special_tokens=True) if generated else ""
+        for k in (self.candidates, WIDER):
+            top = torch.topk(logits.float(), min(k, logits.shape[-1])).indices.tolist()
+            banned = [t for t in top if not self.allowed(text, self._piece(t))]
+            if len(banned) < len(top):
+                break
+        else:
+            return logits  # nothing grounded among the likely tokens: leave the model's choice
+        if banned:
+            logits = logits.clone()
+            logits[banned] = float("-inf")
+        return logits

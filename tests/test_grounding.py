@@ -1,0 +1,61 @@
+"""Grounded names (engine/grounding.py): a summary writes only names and numbers its source has."""
+
+import torch
+
+from engine.eval_summary import entities, grounded
+from engine.grounding import SourceNames
+
+SOURCE = "And Moses went unto Pharaoh king of Egypt, in the year 430. The LORD spake."
+
+
+def test_names_and_numbers_must_be_the_sources_while_they_grow_and_when_they_end(smollm2):
+    g = SourceNames(SOURCE, smollm2.tokenizer)
+    assert g.allowed("", "Moses") and g.allowed("", "Mos") and g.allowed("Mos", "es,")
+    assert not g.allowed("Mos", " went")  # "Mos" ended unfinished
+    assert not g.allowed("They went to", " Rome") and not g.allowed("The ", "Rom")  # never in the source
+    assert g.allowed("The", " Lord") and g.allowed("the", " Israelites") is False  # "Israel" is not in SOURCE
+    assert g.allowed("the", " Egyptians") and g.allowed("the", " Egyptian")  # a demonym of a source name
+    assert not g.allowed("the land of", " Theian")  # but not of a common word
+    assert g.allowed("in year", " 43") and g.allowed("in year 43", "0.") and not g.allowed("in year 4", "31")
+    assert g.allowed("", "Then") and g.allowed("It rained. ", "After")  # a sentence may open with a common word
+    assert not g.allowed("the land of the", " Al")  # "Al(so)" opens a sentence; in mid-sentence only source words
+    assert g.allowed("the land of", " Egypt")
+    assert g.allowed("", " rome") and g.allowed("a", " messiah")  # lower-case words are the model's own
+
+
+def test_the_processor_turns_the_greedy_choice_to_a_grounded_name(smollm2):
+    tok = smollm2.tokenizer
+    g = SourceNames(SOURCE, tok)
+    rome, moses = tok.encode(" Rome", add_special_tokens=False), tok.encode(" Moses", add_special_tokens=False)
+    assert len(rome) == 1 and len(moses) == 1
+    logits = torch.zeros(len(tok))
+    logits[rome[0]], logits[moses[0]] = 5.0, 4.0
+    prefix = tok.encode("He went to", add_special_tokens=False)
+    out = g(prefix, logits)
+    assert int(out.argmax()) == moses[0] and out[rome[0]] == float("-inf")
+    assert torch.equal(g(prefix, torch.where(torch.arange(len(tok)) == moses[0], 9.0, 0.0)),
+                       torch.where(torch.arange(len(tok)) == moses[0], 9.0, 0.0))  # a grounded choice stays
+
+
+def test_summaries_name_only_what_their_section_names(smollm2):
+    from engine import documents
+    from engine.cache import CacheConfig
+    from engine.session import ReadingSession
+    from engine.summaries import summarize_sections
+
+    text = "\n\n".join(f"Chapter {k + 1}\n" + body for k, body in enumerate((
+        "Naomi and her husband Elimelech went from Bethlehem to the country of Moab with their two sons. "
+        "Elimelech died, and the sons took wives of Moab, Orpah and Ruth. After ten years the sons died too. " * 12,
+        "Ruth gleaned in the field of Boaz, a kinsman of Elimelech, and Boaz was kind to her, for he had heard "
+        "how she left her own land to stay with Naomi. She gleaned until the end of the barley harvest. " * 12)))
+    doc = documents.document_from_text(text, title="Ruth retold")
+    session = ReadingSession(smollm2, CacheConfig(sinks=64, window=256, cascades=2), stride=256)
+    events = list(summarize_sections(session, doc, max_new_tokens=48, final_tokens=48))
+    sections = [e for e in events if e["type"] == "section"]
+    assert len(sections) == 2
+    for s in sections:
+        source = doc.title + "\n" + s["label"] + "\n" + doc.text[s["start_char"]:s["end_char"]]
+        names = entities(s["summary"])
+        assert all(grounded(n, source) for n in names), (s["summary"], names)
+    final = events[-1]["summary"]
+    assert final.strip() and all(grounded(n, doc.title + "\n" + doc.text) for n in entities(final)), final
