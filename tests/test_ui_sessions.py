@@ -1,7 +1,8 @@
 """Several people at once, in headless Chromium (issue 11): private sessions that survive a reload,
 private snapshots with a confirmed delete, a question asked during one's own read, and Stop in the
-section summary and in Compare saying what really happened, the retention map's and the chat's
-fixes, and the limits (busy sessions, upload size). Shares the app and browser with
+section summary and in Compare saying what really happened, fair turns (a short read is not stuck
+behind another session's long answer), the retention map's and the chat's fixes, and the limits
+(busy sessions, upload size). Shares the app and browser with
 test_ui.py (tests/ui_app.py)."""
 
 import time
@@ -51,6 +52,8 @@ def test_sessions_are_private_survive_reload_and_snapshots_need_confirming(app_u
     # fix 3: another person's session neither lists nor can pick a's snapshot
     b = open_app(browser, app_url, settings=False)
     b.get_by_role("tab", name="Snapshots").click()
+    b.click("#snap-refresh")  # a list built afresh, not the one from when b's page opened
+    b.wait_for_timeout(500)
     b.locator("#snaps input").click()
     b.wait_for_timeout(500)
     assert b.locator("ul[role=listbox] li", has_text="committee minutes").count() == 0
@@ -175,6 +178,52 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     notes = page.evaluate("window.__notes")
     assert any("Writing the summary of the whole document from 1 section summary" in n for n in notes), notes
     shot(page, "12-summary-stopped")
+
+
+def test_a_short_read_takes_turns_with_another_sessions_long_answer(app_url, browser):
+    # fix 2: fair turns between sessions: b's short read is done while a's long answer is still being
+    # written (the old app ran one model job at a time, so b waited for all of a's answer)
+    b = open_app(browser, app_url)
+    a = open_app(browser, app_url)
+    read_text(a, MEMO)
+    set_number(a, "max-new", "512")
+    a.fill("#question textarea", "Tell me a very long and detailed story about the lighthouse keeper and his bell.")
+    a.click("#ask")
+    a.wait_for_function("""() => { const bots = document.querySelectorAll('#chat .bot');
+        return bots.length > 0 && bots[bots.length - 1].innerText.trim().split(/\\s+/).length >= 3; }""",
+                        timeout=120_000)
+    read_text(b, "A short memo: the boat leaves at noon from pier four.", timeout=240_000)
+    chat = a.inner_text("#chat")
+    assert "Recalled passages" not in chat and "(stopped)" not in chat, chat  # a's answer still going
+    a.click("#stop")
+    a.wait_for_selector("#chat :text('Recalled passages')", timeout=30_000)
+
+
+def test_retention_map_labels_are_text_that_fits(app_url, browser, tmp_path):
+    # fix 8: on the retention map an SRT's long cue labels are cut to their share of the axis instead of
+    # printed over each other, and the row and tick labels are text at a readable size (they were
+    # small raster text inside a PNG)
+    srt = tmp_path / "meeting.srt"
+    srt.write_text("\n".join(f"{i}\n00:{i // 60:02d}:{i % 60:02d},000 --> 00:{i // 60:02d}:{i % 60:02d},900\n"
+                             f"{('Harbour Master Oswald', 'Chairwoman Ingrid Hale', 'Treasurer Bram Okafor')[i % 3]}: "
+                             f"the committee discussed the harbour lamp and the bell.\n"
+                             for i in range(1, 41)))
+    page = open_app(browser, app_url)
+    page.set_input_files("#upload input[type=file]", str(srt))
+    page.wait_for_selector("#upload [aria-label='meeting.srt']", timeout=20_000)
+    page.click("#read")
+    page.wait_for_selector("#progress [data-state=done]", timeout=120_000)
+    page.get_by_role("tab", name="Retention").click()
+    page.wait_for_selector("#retention-map .rmap", timeout=20_000)
+    boxes = page.evaluate("""() => [...document.querySelectorAll('#retention-map text')].map(t => {
+        const r = t.getBoundingClientRect(); return {text: t.textContent, x0: r.left, x1: r.right, h: r.height}; })""")
+    ticks = [b for b in boxes if b["text"][:1].isdigit()]
+    assert len(ticks) == 5 and any(b["text"].startswith("layer") for b in boxes), boxes
+    for left, right in zip(ticks, ticks[1:]):
+        assert left["x1"] <= right["x0"], (left, right)  # not printed over each other
+    assert any("…" in b["text"] for b in ticks), ticks  # the long cue labels were cut to fit
+    assert min(b["h"] for b in boxes) >= 12, boxes  # legible, not small print
+    shot(page, "15-srt-retention-labels")
 
 
 def test_limits_busy_sessions_and_upload_size(app_url, browser, tmp_path):
