@@ -103,6 +103,19 @@ def get(sid: str | None) -> tuple[UserState, bool]:
     return st, known
 
 
+def resolve(sid: str | None, st: UserState) -> UserState:
+    """The session a page event acts on: the one named by the id the browser keeps, whenever the page's
+    state holds another, empty one (measured: after a session was freed and the page came back, a
+    later event could still arrive with the page's first, fresh state, and Load then looked in a new,
+    empty snapshot folder). A state that holds work of its own (started before the page load event
+    ran) stays: restore gave the browser its id."""
+    if not sid or sid == st.sid or ID_RE.fullmatch(sid) is None:
+        return st
+    if st.session is not None or st.history or st.own_work.locked():
+        return st
+    return get(sid)[0]
+
+
 def browser_secret() -> str:
     """The key gr.BrowserState encrypts the session id with, kept on disk (mode 600) so that an id a
     browser holds still opens after a server restart: the document is gone then, its snapshots not."""

@@ -12,6 +12,7 @@ engine checks before every chunk (reading) and every token (generation).
 
 from __future__ import annotations
 
+import inspect
 import json
 import queue
 import re
@@ -730,6 +731,19 @@ def keep_snapshot():
 
 # ------------------------------------------------------------------ a session, found again after a reload
 
+def on_session(fn):
+    """fn(st, ...) as a page event of (browser session id, st, ...): it acts on `sessions.resolve`'s
+    session, so an event never lands in a stale, empty state when the browser names its session."""
+    if inspect.isgeneratorfunction(fn):  # Gradio streams only from generator functions
+        def handler(sid, st, *args):
+            yield from fn(sessions.resolve(sid, st), *args)
+    else:
+        def handler(sid, st, *args):
+            return fn(sessions.resolve(sid, st), *args)
+    handler.__name__ = handler.__qualname__ = fn.__name__
+    return handler
+
+
 def restore(sid, fresh: UserState):
     """Page load: the session this browser had (its chat, document, snapshots), or else the page's own
     fresh one (already registered), whose id the browser then keeps.
@@ -903,51 +917,51 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
         model_work = {"concurrency_limit": sessions.LIMITS.max_busy + 2, "concurrency_id": "model"}
         instant = {"queue": False, "show_progress": "hidden"}
         controls = [layer, head, position, jump]
-        view_inputs = [st, rows, layer, head, position, count]
+        view_inputs = [sid, st, rows, layer, head, position, count]
         view_outputs = [retention, occupancy, held_text]
 
         gr.on([c.change for c in (policy, window, cascades, sinks, stride)], validate_settings,
               [policy, window, cascades, sinks, stride], [settings_msg], trigger_mode="always_last",
               concurrency_limit=1, concurrency_id="settings", show_progress="hidden")
-        read_evt = read_btn.click(arm, [st], None, **instant).then(
-            read_document, [st, file, pasted, model, policy, window, cascades, sinks, stride],
+        read_evt = read_btn.click(on_session(arm), [sid, st], None, **instant).then(
+            on_session(read_document), [sid, st, file, pasted, model, policy, window, cascades, sinks, stride],
             [progress, live, status, facts, *controls], show_progress="full", show_progress_on=[progress],
             **model_work)
-        read_evt.then(retention_view, view_inputs, view_outputs, show_progress="hidden", queue=False)
+        read_evt.then(on_session(retention_view), view_inputs, view_outputs, show_progress="hidden", queue=False)
         for b in (cancel_btn, stop_btn, sum_stop, cmp_stop):
-            b.click(stop, [st], None, **instant)
+            b.click(on_session(stop), [sid, st], None, **instant)
 
         # no Gradio progress on the chat: its pending bubble showed above the new question; ask() shows
         # its own "…" (then who it waits for) below the question
-        ask_args = dict(fn=ask, inputs=[st, question, chat, mode, max_new, temperature], outputs=[chat, question],
+        ask_args = dict(fn=on_session(ask), inputs=[sid, st, question, chat, mode, max_new, temperature], outputs=[chat, question],
                         show_progress="hidden", **model_work)
         for trigger in (ask_btn.click, question.submit):  # then mark the recalled passages on both maps
-            trigger(arm, [st], None, **instant).then(**ask_args).then(live_map, [st], [live], queue=False).then(
-                retention_view, view_inputs, view_outputs, queue=False)
-        clear_btn.click(clear_chat, [st], [chat], **instant)
-        export_btn.click(export_chat, [st], [export_files, export_msg], queue=False)
+            trigger(on_session(arm), [sid, st], None, **instant).then(**ask_args).then(on_session(live_map), [sid, st], [live], queue=False).then(
+                on_session(retention_view), view_inputs, view_outputs, queue=False)
+        clear_btn.click(on_session(clear_chat), [sid, st], [chat], **instant)
+        export_btn.click(on_session(export_chat), [sid, st], [export_files, export_msg], queue=False)
 
-        sum_btn.click(arm, [st], None, **instant).then(summarize, [st, sum_mode, max_new], [summary], show_progress="minimal", **model_work)
+        sum_btn.click(on_session(arm), [sid, st], None, **instant).then(on_session(summarize), [sid, st, sum_mode, max_new], [summary], show_progress="minimal", **model_work)
 
-        refresh.click(retention_view, view_inputs, view_outputs, queue=False)
+        refresh.click(on_session(retention_view), view_inputs, view_outputs, queue=False)
         for c in (rows,):
-            c.change(retention_view, view_inputs, view_outputs, **instant)
+            c.change(on_session(retention_view), view_inputs, view_outputs, **instant)
         for c in (layer, head, position, count):
-            c.release(retention_view, view_inputs, view_outputs, **instant)
-        jump.change(jump_to, [jump], [position], **instant).then(retention_view, view_inputs, view_outputs, **instant)
+            c.release(on_session(retention_view), view_inputs, view_outputs, **instant)
+        jump.change(jump_to, [jump], [position], **instant).then(on_session(retention_view), view_inputs, view_outputs, **instant)
 
-        cmp_btn.click(arm, [st], None, **instant).then(compare, [st, pol_a, pol_b, cmp_q, model, window, cascades, sinks, stride, max_new, temperature],
+        cmp_btn.click(on_session(arm), [sid, st], None, **instant).then(on_session(compare), [sid, st, pol_a, pol_b, cmp_q, model, window, cascades, sinks, stride, max_new, temperature],
                       [out_a, out_b], show_progress="minimal", **model_work)
 
         snapshot_work = {"concurrency_limit": 1, "concurrency_id": "snapshots"}  # own files only: no model queue
-        save_btn.click(save_snapshot, [st, snap_name], [snap_status, snaps], **snapshot_work)
-        list_btn.click(lambda s: gr.update(choices=snapshot_choices(s)), [st], [snaps], **instant)
-        del_btn.click(ask_delete, [st, snaps], [snap_status, confirm_row], **instant)
-        del_yes.click(delete_snapshot, [st, snaps], [snap_status, snaps, confirm_row], **instant)
+        save_btn.click(on_session(save_snapshot), [sid, st, snap_name], [snap_status, snaps], **snapshot_work)
+        list_btn.click(on_session(lambda s: gr.update(choices=snapshot_choices(s))), [sid, st], [snaps], **instant)
+        del_btn.click(on_session(ask_delete), [sid, st, snaps], [snap_status, confirm_row], **instant)
+        del_yes.click(on_session(delete_snapshot), [sid, st, snaps], [snap_status, snaps, confirm_row], **instant)
         del_no.click(keep_snapshot, None, [snap_status, confirm_row], **instant)
-        load_btn.click(load_snapshot, [st, snaps],
+        load_btn.click(on_session(load_snapshot), [sid, st, snaps],
                        [snap_status, progress, facts, live, model, policy, window, cascades, sinks, stride, chat,
-                        *controls], **snapshot_work).then(retention_view, view_inputs, view_outputs, queue=False)
+                        *controls], **snapshot_work).then(on_session(retention_view), view_inputs, view_outputs, queue=False)
         demo.load(restore, [sid, st], [st, sid, chat, progress, status, facts, live, snaps, *controls],
-                  queue=False).then(retention_view, view_inputs, view_outputs, queue=False)
+                  queue=False).then(on_session(retention_view), view_inputs, view_outputs, queue=False)
     return demo

@@ -79,3 +79,18 @@ def test_the_browser_secret_is_kept_across_restarts(snapshots):
     first = sessions.browser_secret()
     assert first and sessions.browser_secret() == first
     assert (snapshots / ".browser-secret").stat().st_mode & 0o077 == 0  # readable by the server's user only
+
+
+def test_events_act_on_the_session_the_browser_names(snapshots):
+    """A page whose state is still its first, empty one acts on the session the browser keeps."""
+    mine = sessions.get("")[0]
+    (sessions.snapshot_dir(mine) / "kept.json").write_text("{}")
+    fresh = sessions.create()
+    assert sessions.resolve(mine.sid, fresh) is mine
+    assert sessions.resolve(mine.sid, mine) is mine and sessions.resolve("", fresh) is fresh
+    assert sessions.resolve("../../etc/passwd-looking-id", fresh) is fresh  # never a foreign-shaped id
+    sessions.free_idle(now=time.monotonic() + 61)  # both freed, as after a long absence
+    back = sessions.resolve(mine.sid, fresh)
+    assert back.sid == mine.sid and (sessions.snapshot_dir(back) / "kept.json").exists()
+    fresh.history.append(("q", "a"))  # a page that already holds its own chat keeps it
+    assert sessions.resolve(mine.sid, fresh) is fresh
