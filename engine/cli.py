@@ -83,6 +83,9 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
                         "line (0 = whole)")
     p.add_argument("--memory-in-answer", action="store_true",
                    help="keep the cascade memory in view while answering from recalled passages")
+    p.add_argument("--names", choices=["source", "free"], default=d.names,
+                   help="names and numbers an answer may write: source (only those of its recalled passages, "
+                        f"or of the document; default {d.names}) or free")
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                    help="penalty on tokens the answer already used (1 = off)")
     p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
@@ -95,7 +98,7 @@ def answer_settings(args):
     return AnswerSettings(recall=args.recall == "on", recall_tokens=args.recall_tokens,
                           recall_narrow=args.recall_narrow, recall_best=args.recall_best,
                           repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                          memory_in_answer=args.memory_in_answer)
+                          memory_in_answer=args.memory_in_answer, names=args.names)
 
 
 def cache_config(args):

@@ -103,7 +103,7 @@ def run_books(args) -> dict:
     if args.recall_best is None:
         args.recall_best = AnswerSettings.recall_best
     answering = AnswerSettings(recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
-                               recall_best=args.recall_best)
+                               recall_best=args.recall_best, names=args.names)
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
@@ -112,7 +112,8 @@ def run_books(args) -> dict:
     settings = _settings(args, loaded, "books", prompt=prompt, new_tokens=args.new_tokens,
                          cascades=args.cascades, recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
                          attention_weight=rc.FUSION["attention"],
-                         **({"recall_best": args.recall_best} if args.recall_best else {}))  # old rows: whole
+                         **({"recall_best": args.recall_best} if args.recall_best else {}),  # old rows: whole
+                         **({"names": "source"} if args.names == "source" else {}))  # old rows: free names
     if args.bible:
         groups = {"Bible": [dict(q, doc="Bible") for q in data["bible"]]}
     else:

@@ -109,6 +109,9 @@ def add_arguments(parser) -> None:
             p.add_argument("--recall-narrow", type=int, default=NARROW_TOKENS,
                            help="books: recalled passages after the best one cut to at most this many "
                                 "tokens (0 = whole)")
+            p.add_argument("--names", choices=["source", "free"], default="source",
+                           help="books: names and numbers an answer may write (source: only its passages' or the "
+                                "document's; free: any)")
             p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
             p.add_argument("--limit", type=int, default=None, help="books: first N questions per book")
             p.add_argument("--references", nargs="+", choices=["none", "oracle"], default=["none", "oracle"],

@@ -89,6 +89,10 @@ class AnswerSettings:
     # the book set, SmolLM2 answered 1/12 with the memory in view and 6/12 (the oracle's score) without.
     memory_in_answer: bool = False
     recent_in_answer: int = 0  # with the memory hidden, keep this many most recent slots in view
+    # Names and numbers an answer may write: "source" (those of the recalled passages and the question,
+    # else the document's; engine.grounding) or "free". Measured on the book set with the answer's
+    # passages in view: 16 / 60 right vs 12 / 60 (5 questions won, 1 lost; docs/eval.md).
+    names: str = "source"
 
     def __post_init__(self):
         for name in ("recall_tokens", "recall_narrow", "recall_best", "conversation_tokens", "question_tokens"):
@@ -99,6 +103,8 @@ class AnswerSettings:
             raise UserError(f"repetition penalty must be >= 1, not {self.repetition_penalty}")
         if self.no_repeat_ngram < 0:
             raise UserError(f"no-repeat n-gram size must be >= 0, not {self.no_repeat_ngram}")
+        if self.names not in ("source", "free"):
+            raise UserError(f"names must be 'source' or 'free', not '{self.names}'")
 
     def tail_slots(self, max_new_tokens: int) -> int:
         return self.recall_tokens + self.conversation_tokens + self.question_tokens + 96 + max_new_tokens
@@ -147,6 +153,7 @@ class ReadingSession:
         self.answers: list[Answer] = []
         self.loaded_seconds: float | None = None  # set when the document came from a snapshot
         self._baseline: np.ndarray | None = None  # per-slot attention of BASELINE_QUESTION
+        self._document_names: SourceNames | None = None  # built at the first answer that needs it
         self._answer_memory: KVCache | None = None  # the frozen memory + tail of the last question
 
     # ---------------------------------------------------------------- reading
@@ -217,6 +224,7 @@ class ReadingSession:
         self.prefix_tokens, self.read_result = prefix_tokens, result
         self.index, self.index_note = index, index_note
         self.turns, self._baseline, self.loaded_seconds = [], None, None
+        self._document_names: SourceNames | None = None
         # The answer memory is part of the fixed budget: allocate it now, not at the first question,
         # so memory after reading is memory while answering.
         self._answer_memory = freeze(cache, self.answering.tail_slots(ANSWER_TOKENS), self._answer_memory)
@@ -260,12 +268,12 @@ class ReadingSession:
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
             passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None,
-            names_from: str | None = None) -> Iterator[str]:
+            document_names: bool = False) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
         `passages`: re-read these instead of the ones recall would choose for the question (summaries);
         `keep_memory`: keep the cascade memory in view beside recalled passages (default: the setting);
-        `names_from`: a text whose names and numbers are the only ones the answer may write (summaries).
+        `document_names`: the answer may name whatever the document names, not only its passages' names.
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -303,9 +311,25 @@ class ReadingSession:
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
-                                  n_citations, tail_doc=tail_doc, start=start, names_from=names_from)
+                                  n_citations, tail_doc=tail_doc, start=start, names=self._answer_names(question, [] if document_names else recalled))
         if continue_conversation:
             self.turns = turns + [(question, answer.text)]
+
+    def _answer_names(self, question: str, recalled: list[recall.Recalled]) -> SourceNames | None:
+        """The names an answer may write (AnswerSettings.names): the recalled passages' and the
+        question's, or the whole document's when nothing was recalled."""
+        if self.answering.names == "free":
+            return None
+        if recalled:
+            return SourceNames("\n".join([self.document.title, question] + [r.text for r in recalled]),
+                               self.loaded.tokenizer)
+        return self.document_names()
+
+    def document_names(self) -> SourceNames:
+        """The document's names and numbers (built once per document: ~0.5 s for a 1M-token book)."""
+        if self._document_names is None:
+            self._document_names = SourceNames(self.document.title + "\n" + self.source_map.text, self.loaded.tokenizer)
+        return self._document_names
 
     def _kept_turns(self, answer: Answer) -> list[tuple[str, str]]:
         """The latest turns that fit the conversation budget; the oldest leave first."""
@@ -396,9 +420,8 @@ class ReadingSession:
 
     def _generate(self, cache, prompt_ids, answer: Answer, max_new_tokens, temperature, top_p, should_stop,
                   seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None,
-                  names_from: str | None = None) -> Iterator[str]:
-        """names_from: a source text; names and numbers the answer writes must occur in it
-        (`engine.grounding.SourceNames`: summaries use it)."""
+                  names: SourceNames | None = None) -> Iterator[str]:
+        """names: the only names and numbers the answer may write (`engine.grounding`)."""
         tok = self.loaded.tokenizer
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                              tok.convert_tokens_to_ids("<end_of_turn>"))
@@ -408,7 +431,7 @@ class ReadingSession:
         start = start or time.perf_counter()
         ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
-                                          should_stop, seed, logits_processor=self._processor(names_from),
+                                          should_stop, seed, logits_processor=self._processor(names),
                                           after_prompt=memory.reset_scores if memory else None):
             if not ids:
                 answer.first_token_seconds = time.perf_counter() - start
@@ -433,9 +456,9 @@ class ReadingSession:
         if memory is not None and memory.scored and n_citations > 0:
             answer.citations = self._citations(memory, n_citations, tail_doc)
 
-    def _processor(self, names_from: str | None = None):
+    def _processor(self, names: SourceNames | None = None):
         """Repetition control over the answer so far (transformers' logits processors), and with
-        `names_from` only the names and numbers that text has (`engine.grounding`)."""
+        `names` only the names and numbers of its source (`engine.grounding`)."""
         from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
                                   RepetitionPenaltyLogitsProcessor)
 
@@ -445,7 +468,7 @@ class ReadingSession:
             procs.append(RepetitionPenaltyLogitsProcessor(a.repetition_penalty))
         if a.no_repeat_ngram > 0:
             procs.append(NoRepeatNGramLogitsProcessor(a.no_repeat_ngram))
-        grounded = SourceNames(names_from, self.loaded.tokenizer) if names_from else None
+        grounded = names
         if not procs and grounded is None:
             return None
 
@@ -517,7 +540,7 @@ class ReadingSession:
                                       settings.recall_tokens + settings.conversation_tokens, self.recall_cost)
         yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                             should_stop=should_stop, recall_on=passages is not None, passages=passages,
-                            keep_memory=True, names_from=self.document.title + "\n" + self.source_map.text)
+                            keep_memory=True, document_names=True)
 
     # ---------------------------------------------------------------- retention view
     def retention(self, layer: int | None = None) -> dict:
