@@ -112,6 +112,8 @@ class AnswerSettings:
 
 _WARM: "weakref.WeakKeyDictionary[torch.nn.Module, set[int]]" = weakref.WeakKeyDictionary()  # chunk lengths run
 ANSWER_TOKENS = 256  # the answer length the answer memory is first sized for (longer ones resize it)
+# What a snapshot saved before these cache options existed was read with (whatever today's defaults)
+BEFORE_OPTIONS = {"block": 1, "cascade_sizes": "equal", "contest": "head"}
 RECALL_INTRO = "Passages of the document that may answer the question:\n\n"
 RECALL_ASK = "Answer from the document. "
 BASELINE_QUESTION = "What is this document about?"  # the attention of a question with no particular target
@@ -593,15 +595,15 @@ class ReadingSession:
         wanted = self.requested.to_dict()
         if wanted["cascades"] == "auto":  # any resolved C fits "auto"
             wanted["cascades"] = man["config"].get("cascades")
-        # options added since a snapshot was saved were at their defaults when it was read
-        saved = {**CacheConfig().to_dict(), **man["config"]}
+        # options added since a snapshot was saved had the values of the paper's rule when it was read
+        saved = {**CacheConfig().to_dict(), **BEFORE_OPTIONS, **man["config"]}
         if saved != wanted or man["stride"] != self.stride or man["prompt"] != self.format.name:
             raise UserError(f"{man_path}: made with other cache settings ({man['config']}, stride {man['stride']}, "
                             f"prompt {man['prompt']}); use the same settings to load it")
         doc = man["document"]
         document = documents.Document(path=doc["path"], kind=doc["kind"], title=doc["title"], sha256=doc["sha256"],
                                       segments=[documents.Segment(s["text"], s["label"], s["meta"]) for s in doc["segments"]])
-        self._use_config(CacheConfig(**man["config"]))
+        self._use_config(CacheConfig(**{**BEFORE_OPTIONS, **man["config"]}))
         cache = self.engine.new_cache()
         cache.load_state({k[len("cache."):]: v.to(self.engine.device) for k, v in tensors.items()
                           if k.startswith("cache.")})

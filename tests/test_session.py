@@ -52,13 +52,15 @@ def test_snapshot_refuses_other_settings_and_models(read_session, smollm2, tmp_p
         ReadingSession(smollm2, CONFIG, stride=256).load(base)
     # a snapshot saved before an option existed was read with its default: it loads; another value does not
     manifest["model_id"] = smollm2.model_id
-    for name in ("block", "cascade_sizes"):
+    for name in ("block", "cascade_sizes", "contest"):
         manifest["config"].pop(name)
     manifest["checksum"] = manifest_checksum(manifest)
     (tmp_path / "snap.json").write_text(json.dumps(manifest))
     ReadingSession(smollm2, CONFIG, stride=256).load(base)
     with pytest.raises(UserError, match="other cache settings"):
         ReadingSession(smollm2, CacheConfig(sinks=64, window=256, cascades=4, block=4), stride=256).load(base)
+    with pytest.raises(UserError, match="other cache settings"):  # it was read with per-head contests
+        ReadingSession(smollm2, CacheConfig(sinks=64, window=256, cascades=4, contest="layer"), stride=256).load(base)
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a snapshot"):
