@@ -196,7 +196,7 @@ def run_references(args, loaded, prompt, settings, results, doc_name, doc, items
     if not todo:
         return
     session = ReadingSession(loaded, CacheConfig(policy="full"), stride=args.stride, prompt=prompt,
-                             answering=AnswerSettings(recall=False))
+                             answering=AnswerSettings(recall=False, names=getattr(args, "names", "source")))
     offsets = _doc_offsets(doc, loaded.tokenizer)
     passages = recall.cut_passages(doc, offsets)
     for it, ref in todo:
