@@ -917,17 +917,19 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
         model_work = {"concurrency_limit": sessions.LIMITS.max_busy + 2, "concurrency_id": "model"}
         instant = {"queue": False, "show_progress": "hidden"}
         controls = [layer, head, position, jump]
+        view = on_session(retention_view)  # the retention view, redrawn after many events
+        armed = on_session(arm)  # at click time: clears the session's stop flag
         view_inputs = [sid, st, rows, layer, head, position, count]
         view_outputs = [retention, occupancy, held_text]
 
         gr.on([c.change for c in (policy, window, cascades, sinks, stride)], validate_settings,
               [policy, window, cascades, sinks, stride], [settings_msg], trigger_mode="always_last",
               concurrency_limit=1, concurrency_id="settings", show_progress="hidden")
-        read_evt = read_btn.click(on_session(arm), [sid, st], None, **instant).then(
+        read_evt = read_btn.click(armed, [sid, st], None, **instant).then(
             on_session(read_document), [sid, st, file, pasted, model, policy, window, cascades, sinks, stride],
             [progress, live, status, facts, *controls], show_progress="full", show_progress_on=[progress],
             **model_work)
-        read_evt.then(on_session(retention_view), view_inputs, view_outputs, show_progress="hidden", queue=False)
+        read_evt.then(view, view_inputs, view_outputs, show_progress="hidden", queue=False)
         for b in (cancel_btn, stop_btn, sum_stop, cmp_stop):
             b.click(on_session(stop), [sid, st], None, **instant)
 
@@ -936,21 +938,21 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
         ask_args = dict(fn=on_session(ask), inputs=[sid, st, question, chat, mode, max_new, temperature], outputs=[chat, question],
                         show_progress="hidden", **model_work)
         for trigger in (ask_btn.click, question.submit):  # then mark the recalled passages on both maps
-            trigger(on_session(arm), [sid, st], None, **instant).then(**ask_args).then(on_session(live_map), [sid, st], [live], queue=False).then(
-                on_session(retention_view), view_inputs, view_outputs, queue=False)
+            trigger(armed, [sid, st], None, **instant).then(**ask_args).then(on_session(live_map), [sid, st], [live], queue=False).then(
+                view, view_inputs, view_outputs, queue=False)
         clear_btn.click(on_session(clear_chat), [sid, st], [chat], **instant)
         export_btn.click(on_session(export_chat), [sid, st], [export_files, export_msg], queue=False)
 
-        sum_btn.click(on_session(arm), [sid, st], None, **instant).then(on_session(summarize), [sid, st, sum_mode, max_new], [summary], show_progress="minimal", **model_work)
+        sum_btn.click(armed, [sid, st], None, **instant).then(on_session(summarize), [sid, st, sum_mode, max_new], [summary], show_progress="minimal", **model_work)
 
-        refresh.click(on_session(retention_view), view_inputs, view_outputs, queue=False)
+        refresh.click(view, view_inputs, view_outputs, queue=False)
         for c in (rows,):
-            c.change(on_session(retention_view), view_inputs, view_outputs, **instant)
+            c.change(view, view_inputs, view_outputs, **instant)
         for c in (layer, head, position, count):
-            c.release(on_session(retention_view), view_inputs, view_outputs, **instant)
-        jump.change(jump_to, [jump], [position], **instant).then(on_session(retention_view), view_inputs, view_outputs, **instant)
+            c.release(view, view_inputs, view_outputs, **instant)
+        jump.change(jump_to, [jump], [position], **instant).then(view, view_inputs, view_outputs, **instant)
 
-        cmp_btn.click(on_session(arm), [sid, st], None, **instant).then(on_session(compare), [sid, st, pol_a, pol_b, cmp_q, model, window, cascades, sinks, stride, max_new, temperature],
+        cmp_btn.click(armed, [sid, st], None, **instant).then(on_session(compare), [sid, st, pol_a, pol_b, cmp_q, model, window, cascades, sinks, stride, max_new, temperature],
                       [out_a, out_b], show_progress="minimal", **model_work)
 
         snapshot_work = {"concurrency_limit": 1, "concurrency_id": "snapshots"}  # own files only: no model queue
@@ -961,7 +963,7 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
         del_no.click(keep_snapshot, None, [snap_status, confirm_row], **instant)
         load_btn.click(on_session(load_snapshot), [sid, st, snaps],
                        [snap_status, progress, facts, live, model, policy, window, cascades, sinks, stride, chat,
-                        *controls], **snapshot_work).then(on_session(retention_view), view_inputs, view_outputs, queue=False)
+                        *controls], **snapshot_work).then(view, view_inputs, view_outputs, queue=False)
         demo.load(restore, [sid, st], [st, sid, chat, progress, status, facts, live, snaps, *controls],
-                  queue=False).then(on_session(retention_view), view_inputs, view_outputs, queue=False)
+                  queue=False).then(view, view_inputs, view_outputs, queue=False)
     return demo

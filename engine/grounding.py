@@ -35,9 +35,10 @@ class SourceNames:
 
     def __init__(self, source: str, tokenizer, candidates: int = CANDIDATES):
         self.tokenizer, self.candidates = tokenizer, candidates
-        self.words = {w.lower() for w in _WORD.findall(source)}
+        found = _WORD.findall(source)
+        self.words = {w.lower() for w in found}
         # names the source writes with a capital, the only ones a demonym ending may follow ("Israelites")
-        self.names = {w.lower() for w in _WORD.findall(source) if w[0].isupper() and len(w) >= 3} - COMMON
+        self.names = {w.lower() for w in found if w[0].isupper() and len(w) >= 3} - COMMON
         self.prefixes = {w[:i] for w in self.words for i in range(1, len(w) + 1)}
         self.common_prefixes = {w[:i] for w in COMMON for i in range(1, len(w) + 1)}
         self.endings = {s[:i] for s in DEMONYM for i in range(1, len(s) + 1)}
@@ -62,8 +63,16 @@ class SourceNames:
 
     def allowed(self, text: str, piece: str) -> bool:
         """Whether `piece` may follow `text` (what the model wrote so far)."""
+        return self._allowed(*self._split(text), piece)
+
+    @staticmethod
+    def _split(text: str) -> tuple[str, str]:
+        """(what comes before the word being written, that word so far)"""
         tail = re.search(r"[A-Za-z0-9]*$", text).group()
-        before, joined = text[:len(text) - len(tail)], tail + piece
+        return text[:len(text) - len(tail)], tail
+
+    def _allowed(self, before: str, tail: str, piece: str) -> bool:
+        joined = tail + piece
         for m in _WORD.finditer(joined):
             w, b = m.group(), m.end()
             if not self._checked(w):
@@ -85,9 +94,10 @@ class SourceNames:
 
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         text = self.tokenizer.decode(generated, skip_special_tokens=True) if generated else ""
+        before, tail = self._split(text)  # once per step, not once per candidate
         for k in (self.candidates, WIDER):
             top = torch.topk(logits.float(), min(k, logits.shape[-1])).indices.tolist()
-            banned = [t for t in top if not self.allowed(text, self._piece(t))]
+            banned = [t for t in top if not self._allowed(before, tail, self._piece(t))]
             if len(banned) < len(top):
                 break
         else:

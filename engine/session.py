@@ -471,14 +471,13 @@ class ReadingSession:
             procs.append(RepetitionPenaltyLogitsProcessor(a.repetition_penalty))
         if a.no_repeat_ngram > 0:
             procs.append(NoRepeatNGramLogitsProcessor(a.no_repeat_ngram))
-        grounded = names
-        if not procs and grounded is None:
+        if not procs and names is None:
             return None
 
         def process(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
             if ids and procs:
                 logits = procs(torch.tensor([ids], dtype=torch.long), logits[None])[0]
-            return grounded(ids, logits) if grounded is not None else logits
+            return names(ids, logits) if names is not None else logits
         return process
 
     def _citations(self, memory: FrozenMemory, k: int, tail_doc: np.ndarray | None) -> list[Citation]:

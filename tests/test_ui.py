@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ui_app import ANSWER_TOKENS, open_app, progress_tokens, pymupdf, set_number, shot
+from ui_app import ANSWER_TOKENS, open_app, progress_tokens, pymupdf, set_number, shot, start_long_answer
 
 pytestmark = pytest.mark.real_model
 
@@ -90,12 +90,7 @@ def test_read_ask_cite_retention_export_snapshot(app_url, browser, tmp_path):
     shot(page, "4-answer")
 
     # Stop really stops a long answer
-    set_number(page, "max-new", "512")
-    page.fill("#question textarea", "Tell me a very long and detailed story about the harbour town and its people.")
-    page.click("#ask")
-    page.wait_for_function("""() => { const bots = document.querySelectorAll('#chat .bot');
-        return bots.length > 0 && bots[bots.length - 1].innerText.trim().split(/\\s+/).length >= 3; }""",
-                           timeout=120_000)
+    start_long_answer(page, "Tell me a very long and detailed story about the harbour town and its people.")
     page.click("#stop")
     page.wait_for_selector("#chat :text('(stopped)')", timeout=30_000)
     set_number(page, "max-new", ANSWER_TOKENS)

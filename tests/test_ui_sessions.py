@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from ui_app import MAX_BUSY, MAX_UPLOAD_MB, open_app, progress_tokens, serve_app, set_number, shot
+from ui_app import (MAX_BUSY, MAX_UPLOAD_MB, open_app, progress_tokens, serve_app, set_number, shot,
+                    start_long_answer)
 
 pytestmark = pytest.mark.real_model
 
@@ -186,12 +187,7 @@ def test_a_short_read_takes_turns_with_another_sessions_long_answer(app_url, bro
     b = open_app(browser, app_url)
     a = open_app(browser, app_url)
     read_text(a, MEMO)
-    set_number(a, "max-new", "512")
-    a.fill("#question textarea", "Tell me a very long and detailed story about the lighthouse keeper and his bell.")
-    a.click("#ask")
-    a.wait_for_function("""() => { const bots = document.querySelectorAll('#chat .bot');
-        return bots.length > 0 && bots[bots.length - 1].innerText.trim().split(/\\s+/).length >= 3; }""",
-                        timeout=120_000)
+    start_long_answer(a, "Tell me a very long and detailed story about the lighthouse keeper and his bell.")
     read_text(b, "A short memo: the boat leaves at noon from pier four.", timeout=240_000)
     chat = a.inner_text("#chat")
     assert "Recalled passages" not in chat and "(stopped)" not in chat, chat  # a's answer still going

@@ -109,6 +109,16 @@ def open_app(browser, url, settings=True, context=None):
 
 
 
+def start_long_answer(page, question):
+    """Ask for a 512-token answer and return once it has its first words on screen."""
+    set_number(page, "max-new", "512")
+    page.fill("#question textarea", question)
+    page.click("#ask")
+    page.wait_for_function("""() => { const bots = document.querySelectorAll('#chat .bot');
+        return bots.length > 0 && bots[bots.length - 1].innerText.trim().split(/\\s+/).length >= 3; }""",
+                           timeout=120_000)
+
+
 def progress_tokens(page) -> int:
     m = re.search(r"(\d[\d,]*) /", page.inner_text("#progress .label"))
     return int(m.group(1).replace(",", "")) if m else 0
