@@ -1,10 +1,18 @@
-"""What the web UI's reading costs over the engine's: python -m app.bench [--tokens N] [--repeats R].
+"""What the web UI costs: python -m app.bench [--tokens N] [--repeats R] | --questions N.
+
+Reading speed (default):
 
 Reads the same text (the KJV, N tokens) alternately through the UI's own read handler
 (`ui.read_document`: progress bar, live retention map computed and rendered as PNG) and through
 the engine alone (`ReadingSession.read`, no callbacks), and through the UI with the live map off, and writes
 tokens/s and the overheads to results/app_bench.json. The issue's goal: the live retention view slows reading by
 at most 5%.
+
+Memory while chatting (`--questions N`, issue 13): one app session reads Exodus through the UI's read
+handler with the app's default settings, then asks N long questions through the UI's chat handler
+(`ui.ask`: the model thread, the chat history, recalled passages and citations), and writes the
+process's RSS after the read and after each answer to results/app_memory.json. The target: RSS after
+the last answer within 2% of RSS after the read.
 """
 
 from __future__ import annotations
@@ -27,7 +35,12 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="runs of each path, interleaved")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default="results")
+    p.add_argument("--questions", type=int, default=0, help="memory while chatting: N questions in one session")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--doc-chars", type=int, default=40000, help="characters of Exodus read before the questions")
     args = p.parse_args(argv)
+    if args.questions > 0:
+        return chat_memory(args)
 
     loaded = ui.get_model(args.model)
     text = loaded.tokenizer.decode(bench_tokens(loaded.tokenizer, args.tokens))
@@ -76,6 +89,48 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "app_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    return result
+
+
+def chat_memory(args) -> dict:
+    """RSS after reading and after each of `args.questions` answers, all through the UI's handlers."""
+    import psutil
+
+    from engine.bench_answers import QUESTIONS, exodus_document
+
+    proc = psutil.Process()
+    rss = lambda: round(proc.memory_info().rss / 2 ** 20, 1)  # noqa: E731
+    document = exodus_document(args.doc_chars)
+    state = ui.new_state()
+    settings = dict(policy="cascade", window=512, cascades="auto", sinks=64, stride=512)  # the app's defaults
+    start = time.perf_counter()
+    for _ in ui.read_document(state, None, document.text, args.model, *settings.values()):
+        pass
+    if state.session is None:
+        raise RuntimeError("the UI read did not finish")
+    result = {"settings": settings, "doc_tokens": state.session.read_result.doc_tokens,
+              "read_seconds": round(time.perf_counter() - start, 1), "max_new_tokens": args.max_new_tokens,
+              "rss_after_read_mb": rss(), "answers": []}
+    print(f"read {result['doc_tokens']} tokens, RSS {result['rss_after_read_mb']} MB", flush=True)
+    history = []
+    for i in range(args.questions):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        t = time.perf_counter()
+        for history, _ in ui.ask(state, q, history, "new", args.max_new_tokens, 0.0):
+            pass
+        answer = state.session.answers[-1]
+        row = {"question": q, "tokens": answer.tokens, "seconds": round(time.perf_counter() - t, 1),
+               "recalled": len(answer.recalled or []), "citations": len(answer.citations or []),
+               "chat_messages": len(history), "rss_mb": rss()}
+        result["answers"].append(row)
+        print(f"answer {i + 1}: {row}", flush=True)
+    last = result["answers"][-1]["rss_mb"] if result["answers"] else result["rss_after_read_mb"]
+    result["growth"] = round(last / result["rss_after_read_mb"] - 1, 4)
+    result["max_growth"] = round(max(a["rss_mb"] for a in result["answers"]) / result["rss_after_read_mb"] - 1, 4)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "app_memory.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("doc_tokens", "rss_after_read_mb", "growth", "max_growth")}))
     return result
 
 

@@ -167,3 +167,14 @@ def test_kernel_bench_runs_without_cuda(tmp_path, monkeypatch):
     assert all(r["cascade_s"] > 0 and r["full_s"] > 0 for r in result["rows"])
     assert json.loads((tmp_path / "kernel_bench.json").read_text())["rows"] == result["rows"]
     assert (tmp_path / "kernel_bench.png").stat().st_size > 0
+
+
+def test_fixed_config_mode_keeps_one_small_tile_for_every_kernel():
+    """CASCADE_AUTOTUNE=0 (compiled correctness runs): one config, the smallest tile, so that a new
+    shape costs one compile and no timing runs; autotune keeps every option."""
+    options = [(128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2), (32, 32, 4, 1), (16, 256, 8, 2)]
+    fixed = triton_attention._configs(options, mode="fixed")
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fixed] == [(32, 32, 4, 1)]
+    assert len(triton_attention._configs(options, mode="autotune")) == len(options)
+    interpreted = triton_attention._configs(options, mode="interpret")
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in interpreted] == [(16, 16)]

@@ -18,6 +18,10 @@ Two passes, so that the scores are exact rather than estimated from a partial so
 
 Masks are explicit, so any slots count and any L work (neither needs to be a multiple of a block).
 Block sizes are autotuned on CUDA; under TRITON_INTERPRET=1 (the CPU tests) one small config is used.
+CASCADE_AUTOTUNE=0 keeps one config per kernel on CUDA too (the smallest tile, which fits every head
+dim): autotuning compiles and times every config for every new shape key, which is what a speed run
+wants and what a correctness run over many shapes cannot afford (the compiled kernel tests on a lent
+GPU: 4 of 27 did not finish in 120 s, all of them autotuning).
 """
 
 from __future__ import annotations
@@ -31,12 +35,18 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+AUTOTUNE = os.environ.get("CASCADE_AUTOTUNE", "1") not in ("", "0")
 
 
-def _configs(options, interpret=(16, 16)):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) options; a single tiny config in interpreter mode."""
-    if INTERPRET:
+def _configs(options, interpret=(16, 16), mode: str | None = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) options as Triton configs, by mode:
+    "interpret" (TRITON_INTERPRET=1): one tiny config; "fixed" (CASCADE_AUTOTUNE=0): the smallest tile
+    of the options, fewest stages first; "autotune" (default on CUDA): all of them."""
+    mode = mode or ("interpret" if INTERPRET else "autotune" if AUTOTUNE else "fixed")
+    if mode == "interpret":
         return [triton.Config({"BLOCK_M": interpret[0], "BLOCK_N": interpret[1]}, num_warps=1, num_stages=1)]
+    if mode == "fixed":
+        options = [min(options, key=lambda o: (o[0] * o[1], o[3]))]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
