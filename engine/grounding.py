@@ -44,6 +44,15 @@ class SourceNames:
         self.endings = {s[:i] for s in DEMONYM for i in range(1, len(s) + 1)}
         self._pieces: dict[int, str] = {}
 
+    def allow(self, text: str) -> "SourceNames":
+        """Also allow the words of `text` (a prompt format's own turn words: a base model ends its
+        answer by writing "Question:", which no source needs to contain). Returns self."""
+        for w in _WORD.findall(text):
+            w = w.lower()
+            self.words.add(w)
+            self.prefixes.update(w[:i] for i in range(1, len(w) + 1))
+        return self
+
     # ---- the rule, on strings
     def _grown(self, word: str, opens_sentence: bool) -> bool:
         """Whether `word` (lower case) may still become a grounded word."""

@@ -22,6 +22,13 @@ FINAL_SUMMARY_QUESTION = ("These are summaries of {labels} of {title}, in order.
                           "sentences, naming the main people and places. Use only the names and events given above.")
 
 
+# Recalled passages are read after the document, before the question. A chat model is told what they
+# are and to answer from them. A base model gets no such words: on the first 17 Exodus questions of
+# the book set, Gemma-3-270M (plain) answered 4 with them and 8 without (its oracle: 9).
+RECALL_INTRO = "Passages of the document that may answer the question:\n\n"
+RECALL_ASK = "Answer from the document. "
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     name: str  # "chat" or "plain"
@@ -29,6 +36,8 @@ class PromptFormat:
     question: str  # after the document; {q} is the question
     follow_up: str  # after a previous answer, for a running conversation; {q} is the question
     bare: str  # a question with no document at all (the "no document" reference); {q} is the question
+    recall_intro: str = RECALL_INTRO  # before recalled passages
+    recall_ask: str = RECALL_ASK  # before a question answered from recalled passages
 
     def question_text(self, q: str) -> str:
         return DOC_OUTRO + self.question.format(q=q)
@@ -55,7 +64,7 @@ def prompt_format(tokenizer, name: str, bos: str = "") -> PromptFormat:
     """bos: text that must start a plain prompt (LoadedModel.bos); chat templates bring their own."""
     if name == "plain":
         return PromptFormat("plain", bos + DOC_INTRO, "Question: {q}\nAnswer:", "\n\nQuestion: {q}\nAnswer:",
-                            bos + "Question: {q}\nAnswer:")
+                            bos + "Question: {q}\nAnswer:", recall_intro="", recall_ask="")
     if name != "chat":
         raise ValueError(f"prompt format must be 'chat' or 'plain', not {name!r}")
     # Render a two-turn conversation with markers, then cut it into reusable pieces.

@@ -115,8 +115,6 @@ _WARM: "weakref.WeakKeyDictionary[torch.nn.Module, set[int]]" = weakref.WeakKeyD
 ANSWER_TOKENS = 256  # the answer length the answer memory is first sized for (longer ones resize it)
 # What a snapshot saved before these cache options existed was read with (whatever today's defaults)
 BEFORE_OPTIONS = {"block": 1, "cascade_sizes": "equal", "contest": "head"}
-RECALL_INTRO = "Passages of the document that may answer the question:\n\n"
-RECALL_ASK = "Answer from the document. "
 BASELINE_QUESTION = "What is this document about?"  # the attention of a question with no particular target
 
 
@@ -361,7 +359,8 @@ class ReadingSession:
 
         add(self._ids(DOC_OUTRO + "".join(self._turn_text(q, a) for q, a in turns)))
         if recalled:
-            add(self._ids(RECALL_INTRO))
+            if self.format.recall_intro:
+                add(self._ids(self.format.recall_intro))
             offsets = self.source_map.offsets
             for r in recalled:
                 add(self._ids(f"[{r.passage.label}]\n"))
@@ -369,7 +368,7 @@ class ReadingSession:
                 chars = r.passage.char_start + np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
                 add(list(enc["input_ids"]), np.searchsorted(offsets, chars, side="right") - 1)
                 add(self._ids("\n\n"))
-        add(self._ids(self.format.question.format(q=(RECALL_ASK if recalled else "") + question)))
+        add(self._ids(self.format.question.format(q=(self.format.recall_ask if recalled else "") + question)))
         return ids, np.concatenate(doc) if doc else np.zeros(0, dtype=np.int64)
 
     def _probe(self, cache: KVCache, text: str) -> np.ndarray:
@@ -425,6 +424,8 @@ class ReadingSession:
                   seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None,
                   names: SourceNames | None = None) -> Iterator[str]:
         """names: the only names and numbers the answer may write (`engine.grounding`)."""
+        if names is not None:  # a base model ends its turn with "Question:", which must stay writable
+            names.allow(self.format.question.replace("{q}", " "))
         tok = self.loaded.tokenizer
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                              tok.convert_tokens_to_ids("<end_of_turn>"))

@@ -59,3 +59,13 @@ def test_summaries_name_only_what_their_section_names(smollm2):
         assert all(grounded(n, source) for n in names), (s["summary"], names)
     final = events[-1]["summary"]
     assert final.strip() and all(grounded(n, doc.title + "\n" + doc.text) for n in entities(final)), final
+
+
+def test_a_base_models_turn_word_stays_writable(smollm2):
+    """A base model ends its answer by starting the next turn ("Question:"); grounded names must not
+    forbid that word, or the answer runs on into copied passages up to the token limit."""
+    g = SourceNames(SOURCE, smollm2.tokenizer)
+    assert not g.allowed("Puah.\n", "Question")
+    assert g.allow("Question: \nAnswer:") is g
+    assert g.allowed("Puah.\n", "Question") and g.allowed("Puah.\nQuest", "ion:")
+    assert not g.allowed("He went to", " Rome")  # everything else is as grounded as before
