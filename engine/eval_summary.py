@@ -41,8 +41,9 @@ both every no yes book chapter chapters section sections part parts story summar
 narrative verse verses lines line overview furthermore moreover through throughout following according thus
 therefore together instead subsequently ultimately initially lastly let behold yea nay o oh thus go come see
 they're we're i'm it's that's let's today welcome hello thanks okay well yes""".split())
-_CAP = re.compile(r"\b[A-Z][A-Za-z]+(?:'[A-Za-z]+)?\b")
-_INSIDE = re.compile(r"(?<=[a-z,;] )[A-Z][A-Za-z]+(?:'[A-Za-z]+)?\b")  # after a lower-case word or a comma
+# letters of any script after the capital: an ASCII-only pattern skipped "Shallām" altogether
+_CAP = re.compile(r"\b[A-Z][^\W\d_]+(?:'[^\W\d_]+)?\b")
+_INSIDE = re.compile(r"(?<=[a-z,;] )[A-Z][^\W\d_]+(?:'[^\W\d_]+)?\b")  # after a lower-case word or a comma
 _NUM = re.compile(r"\b\d+(?:[.,:]\d+)*\b")
 _WORDS = re.compile(r"[a-z0-9']+")
 

@@ -25,7 +25,9 @@ import torch
 
 from .eval_summary import COMMON, DEMONYM
 
-_WORD = re.compile(r"[A-Za-z0-9]+")
+# Letters and digits of any script: with ASCII-only words, "Shall" + "ām" wrote "Shallām" (a name
+# no source has) as the grounded word "Shall" followed by a new lower-case word.
+_WORD = re.compile(r"[^\W_]+")
 CANDIDATES = 40  # next tokens examined per step, most likely first; beyond them the model's choice is rare
 WIDER = 1000  # examined when all of the first CANDIDATES are ruled out
 
@@ -77,7 +79,7 @@ class SourceNames:
     @staticmethod
     def _split(text: str) -> tuple[str, str]:
         """(what comes before the word being written, that word so far)"""
-        tail = re.search(r"[A-Za-z0-9]*$", text).group()
+        tail = re.search(r"[^\W_]*$", text).group()
         return text[:len(text) - len(tail)], tail
 
     def _allowed(self, before: str, tail: str, piece: str) -> bool:

@@ -69,3 +69,13 @@ def test_a_base_models_turn_word_stays_writable(smollm2):
     assert g.allow("Question: \nAnswer:") is g
     assert g.allowed("Puah.\n", "Question") and g.allowed("Puah.\nQuest", "ion:")
     assert not g.allowed("He went to", " Rome")  # everything else is as grounded as before
+
+
+def test_letters_of_any_script_are_part_of_the_word(smollm2):
+    """ "Shall" is a source word, but "Shallām" is a name no source has: the non-ASCII letter must not
+    end the word (the 135M model wrote "the kingdom of Shallām" in a summary of Esther)."""
+    g = SourceNames("Moses shall go unto Pharaoh.", smollm2.tokenizer)
+    assert g.allowed("the kingdom of", " Shall")
+    assert not g.allowed("the kingdom of Shall", "ām") and not g.allowed("the kingdom of", " Shallām")
+    assert entities("He came from Shallām and Moses.") == ["Shallām", "Moses"]
+    assert not grounded("Shallām", "Moses shall go unto Pharaoh.")
