@@ -96,13 +96,15 @@ def chat_memory(args) -> dict:
     """RSS after reading and after each of `args.questions` answers, all through the UI's handlers."""
     import psutil
 
-    from engine.bench_answers import QUESTIONS, exodus_document
+    from engine.bench_answers import QUESTIONS, exodus_document, rss_growth
+    from engine.cache import CacheConfig
 
     proc = psutil.Process()
     rss = lambda: round(proc.memory_info().rss / 2 ** 20, 1)  # noqa: E731
     document = exodus_document(args.doc_chars)
     state = ui.new_state()
-    settings = dict(policy="cascade", window=512, cascades="auto", sinks=64, stride=512)  # the app's defaults
+    d = CacheConfig()  # the app's defaults, as its settings panel shows them (ui.build_app)
+    settings = dict(policy=d.policy, window=d.window, cascades="auto", sinks=d.sinks, stride=512)
     start = time.perf_counter()
     for _ in ui.read_document(state, None, document.text, args.model, *settings.values()):
         pass
@@ -124,9 +126,7 @@ def chat_memory(args) -> dict:
                "chat_messages": len(history), "rss_mb": rss()}
         result["answers"].append(row)
         print(f"answer {i + 1}: {row}", flush=True)
-    last = result["answers"][-1]["rss_mb"] if result["answers"] else result["rss_after_read_mb"]
-    result["growth"] = round(last / result["rss_after_read_mb"] - 1, 4)
-    result["max_growth"] = round(max(a["rss_mb"] for a in result["answers"]) / result["rss_after_read_mb"] - 1, 4)
+    result.update(rss_growth(result["rss_after_read_mb"], [a["rss_mb"] for a in result["answers"]]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "app_memory.json").write_text(json.dumps(result, indent=1))

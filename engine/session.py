@@ -322,14 +322,18 @@ class ReadingSession:
         if self.answering.names == "free":
             return None
         if recalled:
-            return SourceNames("\n".join([self.document.title, question] + [r.text for r in recalled]),
-                               self.loaded.tokenizer)
+            return self.source_names("\n".join([self.document.title, question] + [r.text for r in recalled]))
         return self.document_names()
+
+    def source_names(self, source: str) -> SourceNames:
+        """The names and numbers of `source`, plus the prompt format's own turn words: a base model ends
+        its answer by writing "Question:", which no source needs to contain."""
+        return SourceNames(source, self.loaded.tokenizer).allow(self.format.question.replace("{q}", " "))
 
     def document_names(self) -> SourceNames:
         """The document's names and numbers, built once per document (the whole KJV: 0.9 s, 4.9 MB held)."""
         if self._document_names is None:
-            self._document_names = SourceNames(self.document.title + "\n" + self.source_map.text, self.loaded.tokenizer)
+            self._document_names = self.source_names(self.document.title + "\n" + self.source_map.text)
         return self._document_names
 
     def _kept_turns(self, answer: Answer) -> list[tuple[str, str]]:
@@ -424,8 +428,6 @@ class ReadingSession:
                   seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None,
                   names: SourceNames | None = None) -> Iterator[str]:
         """names: the only names and numbers the answer may write (`engine.grounding`)."""
-        if names is not None:  # a base model ends its turn with "Question:", which must stay writable
-            names.allow(self.format.question.replace("{q}", " "))
         tok = self.loaded.tokenizer
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                              tok.convert_tokens_to_ids("<end_of_turn>"))

@@ -28,7 +28,6 @@ import torch
 
 from . import documents
 from .errors import UserError
-from .grounding import SourceNames
 from .memory import freeze, memory_of
 from .prompts import DOC_OUTRO, FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
@@ -180,7 +179,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
             memory_of(memory).hide_document(session.config.sinks, recent=max(section_tokens, 1))
         prompt = session.format.request_text(question, SECTION_LEAD.format(label=label))
         for delta in session._generate(memory, session._ids(prompt), answer, max_new_tokens, 0.0, 1.0,
-                                       should_stop, 0, 0, names=SourceNames(f"{document.title}\n{label}\n{document.text[a:b]}", tok)):
+                                       should_stop, 0, 0, names=session.source_names(f"{document.title}\n{label}\n{document.text[a:b]}")):
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
         if answer.stopped:
             return
