@@ -10,7 +10,10 @@ raw summaries, so the metrics below are recomputed from them at every run:
   document's top 10 in the final summary;
 - repetition: sentences repeated (near-)verbatim, 4-gram repeat rate, loops, cut by the token limit;
 - order: Spearman correlation of the final summary's first mentions of names with their first
-  occurrence in the document;
+  occurrence in the document; its reference, "section order", is the same correlation for the
+  section summaries read one after another in the book's order (what a final summary that only
+  kept their order would score): a name the book has from its first page and a section summary
+  names late (a podcast's host, "Israel") lowers both;
 - thirds: whether the final summary names one of the top 5 names of each third of the document.
 
 Documents: KJV books other than Genesis (Genesis is the issue's own example) and a podcast
@@ -180,6 +183,8 @@ def score_row(row: dict, document_text: str, title: str = "") -> dict:
     out = {"final_grounded": g_doc, "final_coverage": coverage(final, top10),
            "order": order_correlation(final, document_text, list(book_names)),
            "thirds": thirds(final, document_text), "final_repetition": repetition(final),
+           "section_order": order_correlation(" ".join(s["summary"] for s in row.get("sections", [])),
+                                              document_text, list(book_names)),
            "final_cut": bool(row.get("cut")), "sections": []}
     for s in row.get("sections", []):
         source = document_text[s["start_char"]:s["end_char"]]
@@ -301,6 +306,7 @@ def report(rows: list[dict], out: Path, model_id: str) -> dict:
                                                                                    kv[0][3])):
         secs = [s for _, m in items for s in m["sections"]]
         orders = [m["order"] for _, m in items if m["order"] is not None]
+        section_orders = [m["section_order"] for _, m in items if m["section_order"] is not None]
         finals = [m for _, m in items]
         e = {"variant": variant, "model": model, "mode": mode, "doc": doc, "documents": len(items),
              "sections": len(secs),
@@ -315,6 +321,8 @@ def report(rows: list[dict], out: Path, model_id: str) -> dict:
                                                  [m["final_repetition"]["ngram4_repeat_rate"] for m in finals])),
              "cut": sum(s["cut"] for s in secs) + sum(m["final_cut"] for m in finals),
              "order": float(np.mean(orders)) if orders else None, "order_n": len(orders),
+             "section_order": float(np.mean(section_orders)) if section_orders else None,
+             "section_order_n": len(section_orders),
              "thirds": [(sum(bool(m["thirds"][k]) for m in finals), sum(m["thirds"][k] is not None for m in finals))
                         for k in range(3)],
              "seconds": sum(r["seconds"] for r, _ in items), "read_seconds": sum(r["read_seconds"] for r, _ in items),
@@ -323,18 +331,20 @@ def report(rows: list[dict], out: Path, model_id: str) -> dict:
     summary = {"model": model_id, "table": table}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = ["Summaries: grounding and coverage as share (95% Wilson interval, n = entities or names); "
-             "order = mean Spearman over final summaries with >= 3 names (n); thirds = final summaries naming a "
+             "order = mean Spearman over final summaries with >= 3 names (n); section order = the same for the "
+             "section summaries read in the book's order (reference); thirds = final summaries naming a "
              "top-5 name of the first / middle / last third; seconds = whole job (read + summaries)", "",
              "| variant | model | mode | doc | sections | grounded in section | grounded in document | section top-3 "
-             "coverage | final: grounded | final: top-10 coverage | order (n) | thirds | loops / summaries | "
-             "4-gram repeat | cut | tokens | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "coverage | final: grounded | final: top-10 coverage | order (n) | section order (n) | thirds | "
+             "loops / summaries | 4-gram repeat | cut | tokens | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in table:
-        order = f"{e['order']:.2f} ({e['order_n']})" if e["order"] is not None else "-"
+        order, section_order = (f"{e[k]:.2f} ({e[k + '_n']})" if e[k] is not None else "-"
+                                for k in ("order", "section_order"))
         lines.append(f"| {e['variant']} | {e['model'].split('/')[-1]} | {e['mode']} | {e['doc']} | {e['sections']} | "
                      f"{_cell(*e['grounded_section'])} | {_cell(*e['grounded_document'])} | "
                      f"{_cell(*e['section_coverage'])} | {_cell(*e['final_grounded'])} | {_cell(*e['final_coverage'])} "
-                     f"| {order} | {' '.join(f'{k}/{n}' for k, n in e['thirds'])} | {e['loops']} / "
+                     f"| {order} | {section_order} | {' '.join(f'{k}/{n}' for k, n in e['thirds'])} | {e['loops']} / "
                      f"{e['summaries']} | {e['ngram4_repeat_rate']:.3f} | {e['cut']} | {e['doc_tokens']} | "
                      f"{e['seconds']:.0f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")

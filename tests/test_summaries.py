@@ -114,6 +114,12 @@ def test_score_row_attributes_section_summaries_to_their_sections():
     assert [s["grounded_section"] for s in m["sections"]] == [(3, 3), (2, 3)]
     assert m["sections"][0]["coverage"] == (2, 3) and m["sections"][1]["cut"]  # chapter 1's top 3: Naomi, LORD, Moab
     assert m["final_grounded"] == (3, 3) and m["final_coverage"][1] == 10
+    # the reference: the section summaries read one after another, in the book's order
+    names = list(proper_names(RUTH))
+    assert m["section_order"] == order_correlation("Naomi left Moab with Ruth. Boaz met Ruth and Pharaoh.",
+                                                   RUTH, names) > 0.5
+    row["sections"][0]["summary"], row["sections"][1]["summary"] = "Obed was born.", "Naomi left Moab."
+    assert score_row(row, RUTH)["section_order"] < 0  # Obed is the book's last name
 
 
 def test_a_cut_summary_loses_its_unfinished_sentence():
