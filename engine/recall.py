@@ -350,28 +350,36 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
 
 
 def central(index: PassageIndex, text: str, budget: int, tokens_of=lambda p: p.tokens + 8,
-            words: int = 20) -> list[Recalled]:
+            words: int = 20, span: tuple[int, int] | None = None) -> list[Recalled]:
     """The book's central passages, spread over all of it, within `budget` tokens (for a summary).
 
     Central: ranked by BM25 for the book's `words` most frequent content words (its main people,
     places and themes). Spread: the book is cut into as many equal parts (by tokens) as passages of
     average cost fit the budget, and each part gives its best passage, so a summary sees the
     beginning, the middle and the end, not only what the cache holds (mostly the end).
+    `span`: (first, end) document tokens: only the passages that start there, ranked by that part's
+    own most frequent words (a summary written part by part).
     """
     from collections import Counter
 
     passages = index.passages
+    if span is not None:
+        passages = [p for p in passages if span[0] <= p.token_start < span[1]]
+        text = text[passages[0].char_start:passages[-1].char_end] if passages else ""
     if not passages:
         return []
+    pool = {p.id for p in passages}
     counts = Counter(w for w in (m.lower() for m in _WORD.findall(text)) if w not in STOPWORDS and len(w) > 2)
-    ranked = index.bm25(" ".join(w for w, _ in counts.most_common(words)), limit=len(passages))
+    ranked = index.bm25(" ".join(w for w, _ in counts.most_common(words)), limit=len(index.passages))
     mean_cost = sum(tokens_of(p) for p in passages) / len(passages)
     parts = max(1, min(len(passages), int(budget // mean_cost)))
-    end = passages[-1].token_end
+    first, end = passages[0].token_start, passages[-1].token_end
     picked, used, taken = [], 0, set()
     for pid, score in ranked:  # best first: each part takes its best passage that still fits
-        p = passages[pid]
-        part = min(parts - 1, p.token_start * parts // max(end, 1))
+        if pid not in pool:
+            continue
+        p = index.passages[pid]
+        part = min(parts - 1, (p.token_start - first) * parts // max(end - first, 1))
         if part in taken or used + tokens_of(p) > budget:
             continue
         taken.add(part)

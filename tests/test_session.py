@@ -175,3 +175,26 @@ def test_stopped_section_summary_keeps_finished_sections_and_the_session(smollm2
     assert events[-1] == {"type": "stopped", "sections": sections} and len(sections) == 1
     assert not any(e["type"] in ("delta", "done") for e in events)  # no final summary of a part of the book
     assert session.document is None  # the session keeps what it had: nothing was read into it
+
+
+def test_cache_summary_is_written_in_parts_from_each_thirds_passages(read_session):
+    n_answers, seen = len(read_session.answers), read_session.doc_cache.seen
+    passages = read_session.index.passages
+    assert len(passages) >= 3
+    deltas = list(read_session.summarize(max_new_tokens=96))
+    summary = read_session.answers[-1]
+    assert len(read_session.answers) == n_answers + 1  # the parts are one answer
+    assert "".join(deltas) == summary.text and summary.text.strip()
+    end = passages[-1].token_end
+    thirds = {min(2, r["token_start"] * 3 // end) for r in summary.recalled}
+    assert thirds == {0, 1, 2}  # each part re-read passages of its own third
+    assert summary.first_token_seconds is not None and summary.seconds >= summary.first_token_seconds
+    assert read_session.doc_cache.seen == seen  # memory stays as read
+
+
+def test_a_cache_summary_of_fewer_passages_than_parts_is_one_summary(smollm2):
+    session = ReadingSession(smollm2, CONFIG, stride=256)
+    session.read(documents.document_from_text(kjv_text(max_chars=400), title="Genesis"))
+    assert len(session.index.passages) < 3
+    text = "".join(session.summarize(max_new_tokens=24))
+    assert session.answers[-1].text == text and len(session.answers) == 1

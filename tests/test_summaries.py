@@ -125,3 +125,14 @@ def test_score_row_attributes_section_summaries_to_their_sections():
 def test_a_cut_summary_loses_its_unfinished_sentence():
     assert whole_sentences('Naomi went home. Ruth said "no." Boaz then') == 'Naomi went home. Ruth said "no."'
     assert whole_sentences("no sentence ends here") == "no sentence ends here"
+
+
+def test_central_passages_of_one_part_stay_in_it_and_rank_by_its_own_words():
+    doc = load_doc("Esther")
+    offsets = np.arange(0, len(doc.text), 4, dtype=np.int64)
+    index = recall.PassageIndex.build(doc, offsets)
+    end = index.passages[-1].token_end
+    last = recall.central(index, doc.text, budget=1152, span=(2 * end // 3, end))
+    assert last and all(2 * end // 3 <= r.passage.token_start < end for r in last)
+    assert sum(r.passage.tokens + 8 for r in last) <= 1152
+    assert recall.central(index, doc.text, budget=1152, span=(end, 2 * end)) == []  # no passage there
