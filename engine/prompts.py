@@ -12,7 +12,7 @@ DOC_INTRO = "Read the following document. Afterwards, answer questions about it.
 DOC_OUTRO = "\n</document>\n\n"
 SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering its main points."
 # A cache-mode summary is written in parts (session.SUMMARY_PARTS), each after its own third's passages
-SUMMARY_PART_QUESTION = "Summarize the {part} of the document in one or two sentences, covering its main points."
+SUMMARY_PART_QUESTION = "Summarize the {part} of the document in one or two sentences: who does what."
 # {label}: the section's label ("Chapter 3", "p. 4-6"); asks for what the text says, not what the model knows
 SECTION_QUESTION = "Summarize {label} in two or three sentences: who does what. Use only the names it gives."
 # a base model (plain format) continues text rather than following requests: it gets the start of the summary

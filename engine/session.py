@@ -538,9 +538,10 @@ class ReadingSession:
         within the recall and conversation budgets, from the same frozen memory, so memory stays
         flat. Without them the cache alone holds mostly the book's end, and a summary of a long book
         covered only its last chapters (issue 14); one summary from passages spread over the whole
-        book still left out a third of Ruth and of Jonah (docs/eval.md). The cascade memory stays in
-        view beside the passages (measured: the passages alone gave vaguer summaries that named fewer
-        of the book's people)."""
+        book still left out a third of Ruth and of Jonah (docs/eval.md). A part sees its passages and
+        the sinks, not the cascade memory, which holds mostly the book's end and drew the beginning's
+        part to it (measured, docs/eval.md); a one-part summary keeps the memory in view beside its
+        passages (measured: the passages alone gave vaguer summaries that named fewer people)."""
         self._require_read()
         settings = self.answering
         passages = self.index.passages if settings.recall and self.index is not None else []
@@ -561,7 +562,7 @@ class ReadingSession:
             for delta in self.ask(SUMMARY_PART_QUESTION.format(part=part_name),
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
                                   should_stop=should_stop, recall_on=bool(recalled), passages=recalled or None,
-                                  keep_memory=True, document_names=True):
+                                  keep_memory=not recalled, document_names=True):
                 delta = (gap + delta.lstrip()) if gap and delta else delta
                 gap = "" if delta else gap
                 if delta and whole.first_token_seconds is None:

@@ -23,6 +23,15 @@ def test_names_and_numbers_must_be_the_sources_while_they_grow_and_when_they_end
     assert g.allowed("", " rome") and g.allowed("a", " messiah")  # lower-case words are the model's own
 
 
+def test_a_number_with_groups_must_be_the_sources_whole(smollm2):
+    g = SourceNames("[00:01:41] Maya: Welcome. Genesis 3:16 says so, in 1903.", smollm2.tokenizer)
+    assert g.allowed("at 00:01:", "41") and g.allowed("at 00:01", ":") and g.allowed("at", " 00:01:41]")
+    assert not g.allowed("at 00:01:", "54") and not g.allowed("at 00:", "02")  # each group is the source's
+    assert g.allowed("verse 3:", "16") and not g.allowed("verse 3:", "17")
+    assert g.allowed("It was 1903", ".") and g.allowed("It was 1903.", " Then") and not g.allowed("It was 19", "04")
+    assert g.allowed("at 00:01:41", ":") and g.allowed("at 00:01:41:", " Maya")  # an open separator, then a word
+
+
 def test_the_processor_turns_the_greedy_choice_to_a_grounded_name(smollm2):
     tok = smollm2.tokenizer
     g = SourceNames(SOURCE, tok)
