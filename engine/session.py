@@ -444,11 +444,8 @@ class ReadingSession:
             if not ids:
                 answer.first_token_seconds = time.perf_counter() - start
             ids.append(token)
-            text = tok.decode(ids, skip_special_tokens=True)
-            turn_end = "\nQuestion:" in text and self.format.name == "plain"  # a base model starts a new turn
-            if turn_end:
-                text = text[: text.index("\nQuestion:")]
-            elif text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            text, turn_end = visible_text(tok.decode(ids, skip_special_tokens=True), self.format.name == "plain")
+            if text.endswith("\ufffd") and not turn_end:  # half of a multi-byte character: wait for the rest
                 continue
             delta, shown = text[len(shown):], text
             answer.text, answer.tokens = shown, len(ids)
@@ -458,6 +455,10 @@ class ReadingSession:
                 break
         else:
             answer.cut = len(ids) >= max_new_tokens
+            rest = tok.decode(ids, skip_special_tokens=True)[len(shown):]  # what was held back at the end
+            if rest.replace("\ufffd", ""):
+                shown += rest
+                yield rest.replace("\ufffd", "")
         answer.text = shown.replace("\ufffd", "").strip()
         answer.tokens, answer.seconds = len(ids), time.perf_counter() - start
         answer.stopped = bool(should_stop and should_stop())
@@ -554,6 +555,7 @@ class ReadingSession:
                                 keep_memory=True, document_names=True)
             return
         whole, start, end = Answer(SUMMARY_QUESTION), time.perf_counter(), passages[-1].token_end
+        texts = []
         for k, part_name in enumerate(parts):
             span = (end * k // len(parts), end * (k + 1) // len(parts))
             recalled = recall.central(self.index, self.source_map.text, settings.recall_tokens +
@@ -567,9 +569,10 @@ class ReadingSession:
                 gap = "" if delta else gap
                 if delta and whole.first_token_seconds is None:
                     whole.first_token_seconds = time.perf_counter() - start
-                whole.text += delta
                 yield delta
             part = self.answers.pop()
+            texts.append(part.text)
+            whole.text = " ".join(t for t in texts if t)  # the parts' finished texts, not the stream
             whole.tokens += part.tokens
             whole.cut = whole.cut or part.cut
             whole.citations += part.citations
@@ -654,6 +657,21 @@ class ReadingSession:
                 " (an older format)" if man.get("version") == 1 else "")
         self._set_document(document, source_map, cache, man["prefix_tokens"], result, index, note)
         self.loaded_seconds = time.perf_counter() - start  # the read itself happened when it was saved
+
+
+TURN_END = "\nQuestion:"  # a base model (plain format) ends its answer by starting a new question
+
+
+def visible_text(text: str, plain: bool) -> tuple[str, bool]:
+    """(the part of a growing answer that may be shown, whether the answer ended). A base model's
+    answer ends where it writes TURN_END; an ending that may still become it ("\nQuest") is held
+    back, so a stream never shows a turn word that the finished answer drops."""
+    if not plain:
+        return text, False
+    if TURN_END in text:
+        return text[: text.index(TURN_END)], True
+    held = next((k for k in range(len(TURN_END) - 1, 0, -1) if text.endswith(TURN_END[:k])), 0)
+    return text[: len(text) - held], False
 
 
 def retention_of(cache: KVCache, prefix_tokens: int, layer: int | None = None) -> dict:
