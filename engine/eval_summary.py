@@ -1,7 +1,8 @@
 """Summary quality: grounded, complete, no loops, in order (`python -m engine eval summary`).
 
 Every document of the set is summarized in each mode (`sections`: chapter by chapter, then a summary
-of the labelled section summaries; `cache`: one summary from the cache after reading). Rows keep the
+of the labelled section summaries; `cache`: the summary from the cache after reading, in three parts
+with recall, `ReadingSession.summarize`). Rows keep the
 raw summaries, so the metrics below are recomputed from them at every run:
 
 - grounding: share of a summary's named entities (capitalised names, numbers) that occur in the
