@@ -48,7 +48,8 @@ they're we're i'm it's that's let's today welcome hello thanks okay well yes""".
 # letters of any script after the capital: an ASCII-only pattern skipped "Shallām" altogether
 _CAP = re.compile(r"\b[A-Z][^\W\d_]+(?:'[^\W\d_]+)?\b")
 _INSIDE = re.compile(r"(?<=[a-z,;] )[A-Z][^\W\d_]+(?:'[^\W\d_]+)?\b")  # after a lower-case word or a comma
-_NUM = re.compile(r"\b\d+(?:[.,:]\d+)*\b")
+# a number with its groups ("00:01:54", "3:16", "1,000") is one entity; the decoder checks it so too
+NUMBER = re.compile(r"\b\d+(?:[.,:]\d+)*\b")
 _WORDS = re.compile(r"[a-z0-9']+")
 
 
@@ -78,7 +79,7 @@ def proper_names(text: str, document_text: str | None = None) -> Counter:
 def entities(summary: str) -> list[str]:
     """Named entities of a summary: capitalised words that are not common words, and numbers."""
     names = [_word(w) for w in _CAP.findall(summary)]
-    return [w for w in names if w.lower() not in COMMON and len(w) > 1] + _NUM.findall(summary)
+    return [w for w in names if w.lower() not in COMMON and len(w) > 1] + NUMBER.findall(summary)
 
 
 DEMONYM = ("ites", "ite", "ians", "ian", "ish", "s")  # Israelites, Egyptian, Jewish: of Israel, Egypt, Jew

@@ -23,16 +23,15 @@ import re
 
 import torch
 
-from .eval_summary import COMMON, DEMONYM
+from .eval_summary import COMMON, DEMONYM, NUMBER
 
 # Letters and digits of any script: with ASCII-only words, "Shall" + "ām" wrote "Shallām" (a name
 # no source has) as the grounded word "Shall" followed by a new lower-case word.
 _WORD = re.compile(r"[^\W_]+")
 # A number is checked whole with its groups ("00:01:54", "3:16", "1,000"), as the grounding metric
-# counts it (eval_summary._NUM): digit by digit group, a transcript's summary wrote timestamps its
+# counts it (eval_summary.NUMBER): digit by digit group, a transcript's summary wrote timestamps its
 # source never has, each group of which it has.
-_TOKEN = re.compile(r"\d+(?:[.,:]\d+)*|[^\W_]+")
-_NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+_TOKEN = re.compile(rf"{NUMBER.pattern}|[^\W_]+")
 _TAIL = re.compile(r"(?:\d+[.,:])*[^\W_]*$")  # the word or number being written (a number may end in a separator)
 CANDIDATES = 40  # next tokens examined per step, most likely first; beyond them the model's choice is rare
 WIDER = 1000  # examined when all of the first CANDIDATES are ruled out
@@ -44,7 +43,7 @@ class SourceNames:
     def __init__(self, source: str, tokenizer, candidates: int = CANDIDATES):
         self.tokenizer, self.candidates = tokenizer, candidates
         found = _WORD.findall(source)
-        self.words = {w.lower() for w in found} | set(_NUMBER.findall(source))
+        self.words = {w.lower() for w in found} | set(NUMBER.findall(source))
         # names the source writes with a capital, the only ones a demonym ending may follow ("Israelites")
         self.names = {w.lower() for w in found if w[0].isupper() and len(w) >= 3} - COMMON
         self.prefixes = {w[:i] for w in self.words for i in range(1, len(w) + 1)}
@@ -55,7 +54,7 @@ class SourceNames:
     def allow(self, text: str) -> "SourceNames":
         """Also allow the words of `text` (a prompt format's own turn words: a base model ends its
         answer by writing "Question:", which no source needs to contain). Returns self."""
-        for w in _WORD.findall(text) + _NUMBER.findall(text):
+        for w in _WORD.findall(text) + NUMBER.findall(text):
             w = w.lower()
             self.words.add(w)
             self.prefixes.update(w[:i] for i in range(1, len(w) + 1))

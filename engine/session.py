@@ -546,10 +546,10 @@ class ReadingSession:
         self._require_read()
         settings = self.answering
         passages = self.index.passages if settings.recall and self.index is not None else []
+        budget = settings.recall_tokens + settings.conversation_tokens  # a summary has no conversation
         parts = SUMMARY_PARTS if len(passages) >= len(SUMMARY_PARTS) else ()
         if not parts:  # recall off, or a document of fewer passages than parts: one summary
-            recalled = recall.central(self.index, self.source_map.text, settings.recall_tokens +
-                                      settings.conversation_tokens, self.recall_cost) if passages else None
+            recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost) if passages else None
             yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                                 should_stop=should_stop, recall_on=recalled is not None, passages=recalled,
                                 keep_memory=True, document_names=True)
@@ -558,8 +558,7 @@ class ReadingSession:
         texts = []
         for k, part_name in enumerate(parts):
             span = (end * k // len(parts), end * (k + 1) // len(parts))
-            recalled = recall.central(self.index, self.source_map.text, settings.recall_tokens +
-                                      settings.conversation_tokens, self.recall_cost, span=span)
+            recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost, span=span)
             gap = " " if whole.text else ""
             for delta in self.ask(SUMMARY_PART_QUESTION.format(part=part_name),
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
