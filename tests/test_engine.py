@@ -135,9 +135,10 @@ def test_pushing_all_layers_at_once_equals_one_push_per_layer(tiny_llama):
     for chunk in range(3):
         plan = cache.plan(16)
         shape = (cache.batch, cache.kv_heads, 16, cache.head_dim)
-        rows = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g),
+        rows = [tuple(t.to(cache.device) for t in (  # drawn on the CPU (one generator), pushed on the cache's device
+                 torch.randn(shape, generator=g), torch.randn(shape, generator=g),
                  torch.rand(cache.batch, cache.kv_heads, cache.config.sinks + cache.config.window, generator=g),
-                 torch.rand(cache.batch, cache.kv_heads, 16, generator=g)) for _ in range(cache.n_layers)]
+                 torch.rand(cache.batch, cache.kv_heads, 16, generator=g))) for _ in range(cache.n_layers)]
         for layer, row in enumerate(rows):
             per_layer.push(layer, plan, *row)
         stacked = cache.layers_as_batch()

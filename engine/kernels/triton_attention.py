@@ -27,6 +27,7 @@ GPU: 4 of 27 did not finish in 120 s, all of them autotuning).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -36,6 +37,10 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE = os.environ.get("CASCADE_AUTOTUNE", "1") not in ("", "0")
+# Tuning results are kept on disk beside Triton's compiled kernels (Triton >= 3.2), so the next process
+# (the app after a benchmark, the next `ask`) does not compile and time every config again: on the first
+# lent GPU that warm-up, paid per shape key, was most of an 8k-token read.
+TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _configs(options, interpret=(16, 16), mode: str | None = None):
@@ -100,7 +105,7 @@ def _online_block(acc, m_i, l_i, q, K, V, offs_n, offs_d, n_ok, d_ok, skn, skd, 
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["L_KEY", "SLOTS_KEY", "BLOCK_D", "GROUP", "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, **TUNE_CACHE)
 @triton.jit
 def _attn_fwd(
     Q, KC, VC, VALID, KN, VN, BIAS, OUT, LSE,
@@ -171,8 +176,10 @@ def _attn_fwd(
 # ------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=DECODE_CONFIGS, key=["SLOTS_KEY", "BLOCK_D", "GROUP", "SPLIT"],
-                 prune_configs_by={"early_config_prune": _prune})
+# not keyed on SPLIT: it follows the slots, which grow by one per answer token, so keying on it would
+# re-time every config every few tokens of an answer; SLOTS_KEY (a power-of-two bucket) bounds it
+@triton.autotune(configs=DECODE_CONFIGS, key=["SLOTS_KEY", "BLOCK_D", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune}, **TUNE_CACHE)
 @triton.jit
 def _decode_split(
     Q, KC, VC, VALID, KN, VN, PART_O, PART_LSE,
@@ -331,9 +338,9 @@ def _attn_score(
 
 
 _score_chunk = triton.autotune(configs=SCORE_CONFIGS, key=["L_KEY", "SLOTS_KEY", "BLOCK_D", "GROUP"],
-                               prune_configs_by={"early_config_prune": _prune})(_attn_score)
+                               prune_configs_by={"early_config_prune": _prune}, **TUNE_CACHE)(_attn_score)
 _score_decode = triton.autotune(configs=SCORE_DECODE_CONFIGS, key=["L_KEY", "SLOTS_KEY", "BLOCK_D", "GROUP"],
-                                prune_configs_by={"early_config_prune": _prune})(_attn_score)
+                                prune_configs_by={"early_config_prune": _prune}, **TUNE_CACHE)(_attn_score)
 
 
 # ------------------------------------------------------------------------------------------------
