@@ -35,6 +35,18 @@ def query_weights(length: int, beta: float, device=None) -> torch.Tensor:
     return (beta ** exponent).to(torch.float32)
 
 
+def focus_weights(weights: torch.Tensor, length: int, share: float) -> torch.Tensor:
+    """Scale the focus rows (those past the chunk's `length`) so that they carry `share` of the score
+    mass, the chunk's own rows the rest. Plain rows give a 10-token question ~4% of a 256-token
+    chunk's mass; share 1 is SnapKV's rule (only the question decides what stays). # [length + focus] fp32"""
+    out = weights.clone()
+    if share >= 1:
+        out[:length] = 0
+    else:
+        out[length:] *= share / (1 - share) * weights[:length].sum() / weights[length:].sum()
+    return out
+
+
 def chunk_mask(cache_valid: torch.Tensor, length: int) -> torch.Tensor:
     """Boolean mask of allowed (query, key) pairs over [cache | chunk]. # [length, slots + length]"""
     causal = torch.ones(length, length, dtype=torch.bool, device=cache_valid.device).tril()

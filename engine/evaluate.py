@@ -74,6 +74,9 @@ def add_arguments(parser) -> None:
             p.add_argument("--samples", type=int, default=4, help="samples per (length, depth band)")
             p.add_argument("--focus", action="store_true",
                            help="the question's rows join every chunk's attention scores while reading (never pushed)")
+            p.add_argument("--focus-share", type=float, default=None,
+                           help="with --focus: the share of every chunk's score mass the question's rows carry "
+                                "(default: plain rows, ~4%%; 1 = SnapKV, the question alone)")
             p.add_argument("--needle", choices=list(NEEDLES), default="ours",
                            help="ours: the key twice in one sentence; repeated: the paper's marked block, key x6")
             p.add_argument("--haystack", choices=["filler", "kjv"], default="filler",
@@ -176,7 +179,7 @@ class Results:
     def matching(self, settings: dict) -> list[dict]:
         """Rows whose case agrees with every given setting."""
         # an ablation row never counts as a default one
-        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "recall_best"}
+        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "focus_share", "recall_best"}
         return [r for r in self.rows if all(r["case"].get(k) == settings.get(k) for k in keys)]
 
 
@@ -353,7 +356,8 @@ def run_passkey(args) -> dict:
     budget = args.sinks + args.window
     settings = _settings(args, loaded, "passkey", prompt=args.prompt, haystack=args.haystack,
                          new_tokens=args.new_tokens, needle=args.needle, protocol=2,
-                         **({"focus": True} if args.focus else {}))
+                         **({"focus": True} if args.focus else {}),
+                         **({"focus_share": args.focus_share} if args.focus and args.focus_share is not None else {}))
     results = Results(Path(args.out) / "passkey.jsonl")
     lengths = sorted({max(32, round(budget * x)) for x in args.lengths_x})
     overhead = len(prefix) + len(question) + args.new_tokens
@@ -383,6 +387,7 @@ def run_passkey(args) -> dict:
                 if config not in engines:
                     engines[config] = Engine(loaded, config, stride=args.stride)
                 engine = engines[config]
+                engine.focus_share = args.focus_share
                 digit_pos = [len(prefix) + at + i for i, t in enumerate(hay[at:at + n_needle])
                              if any(ch.isdigit() for ch in tok.decode([t]))]
                 cache = engine.new_cache()

@@ -17,7 +17,7 @@ import torch
 
 from . import kernels, threads
 from .architectures import check_architecture, check_positions
-from .attention import mask_bias, query_weights, window_bias
+from .attention import focus_weights, mask_bias, query_weights, window_bias
 from .cache import CacheConfig, CascadeCache, ChunkPlan, KVCache, make_cache
 from .errors import Cancelled
 from .models import LoadedModel
@@ -189,6 +189,7 @@ class Engine:
             raise UserError(f"stride must be >= 1, not {stride}")
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.config, self.stride = config, stride
+        self.focus_share: float | None = None  # --focus-share: the question rows' share of the scores (None: plain rows)
         check_architecture(self.model.config)
         check_positions(self.model.config, config, stride)
         self.model.set_attn_implementation(ATTENTION_NAME)
@@ -229,6 +230,8 @@ class Engine:
             rope = self.rope[name]
             weights = (query_weights(length + extra, self.config.beta, self.device)
                        if part.scored and name == "global" else None)
+            if weights is not None and extra and self.focus_share is not None:
+                weights = focus_weights(weights, length, self.focus_share)
             original = self.config.rope == "original" and name == "global"
             chunk_pos = plan.original_pos if original else plan.chunk_pos
             if extra:  # the focus rows sit right after the chunk

@@ -69,6 +69,30 @@ def test_focus_rows_feed_scores_but_never_enter_the_cache(tiny_llama):
         assert (focused.score[layer] > plain.score[layer] + 1e-4).any()
 
 
+def test_focus_share_sets_the_question_rows_weight_in_the_scores(tiny_llama):
+    """--focus-share: the question's rows carry that share of the score mass. Scores are linear in the
+    row weights (mean over the group), so each run is a known mix of the chunk's part and the question's."""
+    from engine.attention import query_weights
+
+    ids = torch.randint(0, 257, (32,), generator=torch.Generator().manual_seed(4)).tolist()
+    question = [5, 17, 99, 3]
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=128, cascades=2, head_reduce="mean"), stride=32)
+    caches = {}
+    for name, share, focus in (("plain", None, None), ("focused", None, question), ("snap", 1.0, question),
+                               ("half", 0.5, question)):
+        engine.focus_share, caches[name] = share, engine.new_cache()
+        engine.forward(torch.tensor([ids]), caches[name], focus=focus)
+    w = query_weights(32 + 4, engine.config.beta)
+    scale = float(w[:32].sum() / w[32:].sum())  # share 0.5: question rows x scale weigh as much as the chunk
+    for layer in range(2):
+        plain, focused, snap, half = (caches[n].score[layer] for n in ("plain", "focused", "snap", "half"))
+        # share 1 (SnapKV): only the question's part; the chunk rows of a focused read weigh beta**4 more
+        question_part = focused - engine.config.beta ** 4 * plain
+        assert torch.allclose(snap, question_part, atol=1e-5)
+        assert torch.allclose(half, focused + (scale - 1) * snap, atol=1e-4)
+        assert (snap[..., 4:32] > 0).all()  # every document token past the sinks gets some of the question
+
+
 def brute_force_scores(q, k_all, valid_all, scaling, beta, group):
     """Explicit softmax matrix per query head, then the weighted column sum, max over each GQA group."""
     b, hq, L, d = q.shape
