@@ -271,12 +271,13 @@ class ReadingSession:
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
             passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None,
-            document_names: bool = False) -> Iterator[str]:
+            document_names: bool = False, written: list[int] | None = None) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
         `passages`: re-read these instead of the ones recall would choose for the question (summaries);
         `keep_memory`: keep the cascade memory in view beside recalled passages (default: the setting);
-        `document_names`: the answer may name whatever the document names, not only its passages' names.
+        `document_names`: the answer may name whatever the document names, not only its passages' names;
+        `written`: token ids already written (a summary's earlier parts): no n-gram of theirs is repeated.
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -314,7 +315,8 @@ class ReadingSession:
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
-                                  n_citations, tail_doc=tail_doc, start=start, names=self._answer_names(question, [] if document_names else recalled))
+                                  n_citations, tail_doc=tail_doc, start=start,
+                                  names=self._answer_names(question, [] if document_names else recalled), written=written)
         if continue_conversation:
             self.turns = turns + [(question, answer.text)]
 
@@ -428,7 +430,7 @@ class ReadingSession:
 
     def _generate(self, cache, prompt_ids, answer: Answer, max_new_tokens, temperature, top_p, should_stop,
                   seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None,
-                  names: SourceNames | None = None) -> Iterator[str]:
+                  names: SourceNames | None = None, written: list[int] | None = None) -> Iterator[str]:
         """names: the only names and numbers the answer may write (`engine.grounding`)."""
         tok = self.loaded.tokenizer
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
@@ -439,7 +441,7 @@ class ReadingSession:
         start = start or time.perf_counter()
         ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
-                                          should_stop, seed, logits_processor=self._processor(names),
+                                          should_stop, seed, logits_processor=self._processor(names, written),
                                           after_prompt=memory.reset_scores if memory else None):
             if not ids:
                 answer.first_token_seconds = time.perf_counter() - start
@@ -465,9 +467,12 @@ class ReadingSession:
         if memory is not None and memory.scored and n_citations > 0:
             answer.citations = self._citations(memory, n_citations, tail_doc)
 
-    def _processor(self, names: SourceNames | None = None):
+    def _processor(self, names: SourceNames | None = None, written: list[int] | None = None):
         """Repetition control over the answer so far (transformers' logits processors), and with
-        `names` only the names and numbers of its source (`engine.grounding`)."""
+        `names` only the names and numbers of its source (`engine.grounding`). `written` ids precede
+        the answer for the no-repeat n-grams only: a summary's parts do not repeat each other's phrases
+        ("The document summarizes the ..." opened all three parts of a summary, counted as a loop),
+        while the repetition penalty stays per part so that each part may name the book's people."""
         from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
                                   RepetitionPenaltyLogitsProcessor)
 
@@ -475,14 +480,16 @@ class ReadingSession:
         procs = LogitsProcessorList()
         if a.repetition_penalty > 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(a.repetition_penalty))
-        if a.no_repeat_ngram > 0:
-            procs.append(NoRepeatNGramLogitsProcessor(a.no_repeat_ngram))
-        if not procs and names is None:
+        ngrams = NoRepeatNGramLogitsProcessor(a.no_repeat_ngram) if a.no_repeat_ngram > 0 else None
+        before = list(written or [])
+        if not procs and ngrams is None and names is None:
             return None
 
         def process(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
             if ids and procs:
                 logits = procs(torch.tensor([ids], dtype=torch.long), logits[None])[0]
+            if ngrams is not None and (ids or before):
+                logits = ngrams(torch.tensor([before + ids], dtype=torch.long), logits[None])[0]
             return names(ids, logits) if names is not None else logits
         return process
 
@@ -555,7 +562,7 @@ class ReadingSession:
                                 keep_memory=True, document_names=True)
             return
         whole, start, end = Answer(SUMMARY_QUESTION), time.perf_counter(), passages[-1].token_end
-        texts = []
+        texts, written = [], []  # the parts' text and token ids so far
         for k, part_name in enumerate(parts):
             span = (end * k // len(parts), end * (k + 1) // len(parts))
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost, span=span)
@@ -563,7 +570,7 @@ class ReadingSession:
             for delta in self.ask(SUMMARY_PART_QUESTION.format(part=part_name),
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
                                   should_stop=should_stop, recall_on=bool(recalled), passages=recalled or None,
-                                  keep_memory=not recalled, document_names=True):
+                                  keep_memory=not recalled, document_names=True, written=written):
                 delta = (gap + delta.lstrip()) if gap and delta else delta
                 gap = "" if delta else gap
                 if delta and whole.first_token_seconds is None:
@@ -571,6 +578,7 @@ class ReadingSession:
                 yield delta
             part = self.answers.pop()
             texts.append(part.text)
+            written += self.loaded.tokenizer(part.text, add_special_tokens=False).input_ids  # as a part opens
             whole.text = " ".join(t for t in texts if t)  # the parts' finished texts, not the stream
             whole.tokens += part.tokens
             whole.cut = whole.cut or part.cut

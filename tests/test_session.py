@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from engine import documents
 from engine.cache import CacheConfig
@@ -190,6 +191,19 @@ def test_cache_summary_is_written_in_parts_from_each_thirds_passages(read_sessio
     assert thirds == {0, 1, 2}  # each part re-read passages of its own third
     assert summary.first_token_seconds is not None and summary.seconds >= summary.first_token_seconds
     assert read_session.doc_cache.seen == seen  # memory stays as read
+
+
+def test_a_summary_part_cannot_repeat_a_phrase_of_the_parts_before_it(read_session):
+    """The no-repeat n-grams span the parts written before (`written`); the repetition penalty does not."""
+    tok = read_session.loaded.tokenizer
+    before = tok("The document summarizes the story.", add_special_tokens=False).input_ids
+    opening = tok("The document summarizes", add_special_tokens=False).input_ids
+    the = tok(" the", add_special_tokens=False).input_ids[0]
+    logits = torch.zeros(len(tok))
+    fresh = read_session._processor(written=None)(opening, logits.clone())
+    after = read_session._processor(written=before)(opening, logits.clone())
+    assert fresh[the] == 0 and after[the] == float("-inf")  # "... summarizes the" was written before
+    assert (after.isinf().sum() == 1) and after[before[0]] == fresh[before[0]]  # one n-gram blocked, no penalty on the rest
 
 
 def test_a_cache_summary_of_fewer_passages_than_parts_is_one_summary(smollm2):
