@@ -666,18 +666,22 @@ class ReadingSession:
         self.loaded_seconds = time.perf_counter() - start  # the read itself happened when it was saved
 
 
-TURN_END = "\nQuestion:"  # a base model (plain format) ends its answer by starting a new question
+# A base model (plain format) ends its answer by starting the prompt's scaffold again: a new question,
+# or a document tag at a line start (Gemma's section summaries went on "\n\n<document>\nChapter 2 ..."
+# and copied verses, measured in docs/eval.md).
+TURN_ENDS = ("\nQuestion:", "\n<doc", "\n</doc")
 
 
 def visible_text(text: str, plain: bool) -> tuple[str, bool]:
     """(the part of a growing answer that may be shown, whether the answer ended). A base model's
-    answer ends where it writes TURN_END; an ending that may still become it ("\nQuest") is held
-    back, so a stream never shows a turn word that the finished answer drops."""
+    answer ends where it writes one of TURN_ENDS; an ending that may still become one ("\nQuest") is
+    held back, so a stream never shows a turn word that the finished answer drops."""
     if not plain:
         return text, False
-    if TURN_END in text:
-        return text[: text.index(TURN_END)], True
-    held = next((k for k in range(len(TURN_END) - 1, 0, -1) if text.endswith(TURN_END[:k])), 0)
+    ends = [text.index(end) for end in TURN_ENDS if end in text]
+    if ends:
+        return text[: min(ends)].rstrip(), True
+    held = max((k for end in TURN_ENDS for k in range(len(end) - 1, 0, -1) if text.endswith(end[:k])), default=0)
     return text[: len(text) - held], False
 
 
