@@ -220,15 +220,16 @@ def load_doc(name: str):
 def add_parser(sub) -> None:
     from .cache import CacheConfig  # the CLI has it loaded already (its own defaults come from it)
 
+    product = CacheConfig()
     p = sub.add_parser("summary", help="summary grounding, coverage, repetition and order on books")
     p.add_argument("--model", default=None, help="model spec (default: smollm2)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--docs", nargs="+", default=list(DOCS), help=f"documents of the set (default: {' '.join(DOCS)})")
     p.add_argument("--modes", nargs="+", choices=["sections", "cache"], default=["sections", "cache"])
-    p.add_argument("--window", type=int, default=CacheConfig().window,
+    p.add_argument("--window", type=int, default=product.window,
                    help="non-sink slots per layer (default: the product's; rows before stop 22 used 2,048)")
-    p.add_argument("--sinks", type=int, default=CacheConfig().sinks)
+    p.add_argument("--sinks", type=int, default=product.sinks)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=300, help="final summary length limit")
     p.add_argument("--prompt", choices=["chat", "plain"], default=None, help="prompt format (default: the model's)")

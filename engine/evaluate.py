@@ -140,6 +140,9 @@ def _check_args(args) -> None:
         raise UserError("--tokens must be >= 2")
     if getattr(args, "facts", 1) < 1:
         raise UserError("--facts must be >= 1")
+    share = getattr(args, "focus_share", None)
+    if share is not None and (not args.focus or not 0 < share <= 1):
+        raise UserError("--focus-share needs --focus and a share in (0, 1]")
 
 
 def _key(case: dict) -> str:
@@ -357,7 +360,7 @@ def run_passkey(args) -> dict:
     settings = _settings(args, loaded, "passkey", prompt=args.prompt, haystack=args.haystack,
                          new_tokens=args.new_tokens, needle=args.needle, protocol=2,
                          **({"focus": True} if args.focus else {}),
-                         **({"focus_share": args.focus_share} if args.focus and args.focus_share is not None else {}))
+                         **({"focus_share": args.focus_share} if args.focus_share is not None else {}))
     results = Results(Path(args.out) / "passkey.jsonl")
     lengths = sorted({max(32, round(budget * x)) for x in args.lengths_x})
     overhead = len(prefix) + len(question) + args.new_tokens
@@ -386,8 +389,8 @@ def run_passkey(args) -> dict:
                     continue
                 if config not in engines:
                     engines[config] = Engine(loaded, config, stride=args.stride)
+                    engines[config].focus_share = args.focus_share
                 engine = engines[config]
-                engine.focus_share = args.focus_share
                 digit_pos = [len(prefix) + at + i for i, t in enumerate(hay[at:at + n_needle])
                              if any(ch.isdigit() for ch in tok.decode([t]))]
                 cache = engine.new_cache()

@@ -56,6 +56,8 @@ def cases(doc, tmp):
         (["ask", tmp / "junk.pdf", "-q", "x"], "junk.pdf"),
         (["ask", tmp / "long.txt", "-q", "x", "--policy", "full"], "past the 8,192 that"),
         (["eval", "passkey", "--recall", "on", "--recall-tokens", -1, "--out", tmp / "pk"], "recall-tokens must be >= 0"),
+        (["eval", "passkey", "--focus-share", 0.5, "--out", tmp / "pk"], "--focus-share needs --focus"),
+        (["eval", "passkey", "--focus", "--focus-share", -1, "--out", tmp / "pk"], "a share in (0, 1]"),
     ]
 
 
