@@ -14,6 +14,9 @@ The rule, for the word being written (letters and digits since the last other ch
 - at the start of a sentence a capitalised common word ("The", "After", "Then") is allowed too
   (`eval_summary.COMMON`, the list the grounding metric uses). Only there: in mid-sentence, "Mo"
   (a start of "Moreover") let the model on to "Moab" in a chapter that never names it.
+- a word in mixed case ("NiNeVEh", "MidSt": a capital after a small letter, and not all capitals)
+  must be written so in the source: matching case-insensitively, the 135M model spelled out
+  "A-MidSt-A-I-NiNeVEh" from the source's "midst" and "Nineveh" in a summary of Jonah.
 If every likely token is ruled out, more are examined (`WIDER`) before the model keeps its choice.
 """
 
@@ -23,7 +26,8 @@ import re
 
 import torch
 
-from .eval_summary import COMMON, DEMONYM, NUMBER
+from .eval_summary import COMMON, DEMONYM, NUMBER, proper_names
+from .prompts import NAMES_HINT, NAMES_LEAD
 
 # Letters and digits of any script: with ASCII-only words, "Shall" + "ām" wrote "Shallām" (a name
 # no source has) as the grounded word "Shall" followed by a new lower-case word.
@@ -35,6 +39,11 @@ _TOKEN = re.compile(rf"{NUMBER.pattern}|[^\W_]+")
 _TAIL = re.compile(r"(?:\d+[.,:])*[^\W_]*$")  # the word or number being written (a number may end in a separator)
 CANDIDATES = 40  # next tokens examined per step, most likely first; beyond them the model's choice is rare
 WIDER = 1000  # examined when all of the first CANDIDATES are ruled out
+
+
+def _mixed(word: str) -> bool:
+    """A capital after a small letter, in a word that is not all capitals ("MidSt"; not "LORD", "Moses")."""
+    return not word.isupper() and any(a.islower() and b.isupper() for a, b in zip(word, word[1:]))
 
 
 class SourceNames:
@@ -49,6 +58,7 @@ class SourceNames:
         self.prefixes = {w[:i] for w in self.words for i in range(1, len(w) + 1)}
         self.common_prefixes = {w[:i] for w in COMMON for i in range(1, len(w) + 1)}
         self.endings = {s[:i] for s in DEMONYM for i in range(1, len(s) + 1)}
+        self.mixed = {w[:i] for w in found if _mixed(w) for i in range(1, len(w) + 1)}  # as written
         self._pieces: dict[int, str] = {}
 
     def allow(self, text: str) -> "SourceNames":
@@ -99,6 +109,8 @@ class SourceNames:
             if b <= len(tail) and not finished:
                 continue  # the unchanged tail, still open: it was checked when written
             opens = (before + joined[:m.start()]).rstrip()[-1:] in ("", ".", "!", "?", ":", '"', "\n")
+            if _mixed(w) and w not in self.mixed:
+                return False
             low = w.lower()
             if not (self._whole(low, opens) if finished else self._grown(low, opens)):
                 return False
@@ -124,3 +136,26 @@ class SourceNames:
             logits = logits.clone()
             logits[banned] = float("-inf")
         return logits
+
+
+# ---- main names: what a summary request asks to be mentioned
+MAIN_NAMES = 4  # names given to each summary request (0: none)
+
+
+def main_names(source: str, document_text: str, k: int = MAIN_NAMES) -> list[str]:
+    """The k names `source` uses most, in the order it first uses them. A name is a capitalised word the
+    whole document rarely writes in lower case (`eval_summary.proper_names`, the rule the coverage metric
+    counts with, so the request and the measurement agree on what a name is)."""
+    top = [w for w, _ in proper_names(source, document_text).most_common(k)] if k else []
+    first = {w: m.start() if (m := re.search(rf"\b{re.escape(w)}", source)) else len(source) for w in top}
+    return sorted(top, key=first.get)
+
+
+def with_names(question: str, lead: str, label: str, names: list[str]) -> tuple[str, str]:
+    """A summary request about `label` and a base model's lead, naming `names` when there are any:
+    "Summarize Chapter 2 (about Naomi, Ruth and Boaz) in ..." / "Chapter 2 names Naomi, Ruth and Boaz. In ..."."""
+    if not names:
+        return question, lead
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return (question.replace(label, NAMES_HINT.format(label=label, names=listed), 1),
+            NAMES_LEAD.format(label=label, names=listed) + lead)

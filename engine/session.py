@@ -25,7 +25,7 @@ from .devices import peak_memory_mb
 from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
-from .grounding import SourceNames
+from .grounding import SourceNames, main_names, with_names
 from .prompts import DOC_OUTRO, SUMMARY_PART_QUESTION, SUMMARY_QUESTION, PromptFormat, prompt_format
 from .recall import NARROW_TOKENS
 from .runtime import Engine, ReadProgress
@@ -567,7 +567,11 @@ class ReadingSession:
             span = (end * k // len(parts), end * (k + 1) // len(parts))
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost, span=span)
             gap = " " if whole.text else ""
-            for delta in self.ask(SUMMARY_PART_QUESTION.format(part=part_name),
+            # the part's request names the main names of the passages it re-reads (grounding.with_names)
+            names = main_names("\n".join(r.text for r in recalled), self.source_map.text) if recalled else []
+            question, _ = with_names(SUMMARY_PART_QUESTION.format(part=part_name), "",
+                                     f"the {part_name} of the document", names)
+            for delta in self.ask(question,
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
                                   should_stop=should_stop, recall_on=bool(recalled), passages=recalled or None,
                                   keep_memory=not recalled, document_names=True, written=written):

@@ -29,6 +29,7 @@ import torch
 from . import documents
 from .errors import UserError
 from .memory import freeze, memory_of
+from .grounding import MAIN_NAMES, main_names, with_names
 from .prompts import DOC_OUTRO, FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
 from .runtime import ReadProgress
@@ -118,18 +119,20 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
                        max_sections: int = MAX_SECTIONS, max_new_tokens: int = SECTION_TOKENS,
                        final_tokens: int = 300, should_stop: Callable[[], bool] | None = None,
                        progress: Callable[[ReadProgress], None] | None = None,
-                       focus: bool = True) -> Iterator[dict]:
+                       focus: bool = True, names: int = MAIN_NAMES) -> Iterator[dict]:
     """Events, in order:
     - {"type": "plan", "sections": [{"index", "label", "start_char", "end_char", "source"}]};
     - per section: {"type": "status", "index", "of", "label", "phase": "reading"|"summarizing",
       "eta_seconds"}, its text as {"type": "section_delta", ...}, then {"type": "section", "index",
-      "label", "start_char", "end_char", "source", "summary", "cut", "seconds"};
+      "label", "start_char", "end_char", "source", "summary", "cut", "names" (the main names its request
+      gave), "seconds"};
     - {"type": "status", "phase": "final", ...}, {"type": "delta", "text"} ..., {"type": "done",
       "summary", "sections"};
     With `focus`, a section summary sees only the most recent slots, as many as the section has
     tokens (the newest cascade holds the latest tokens, so these are mostly the section's), and not
     the sketch of earlier sections that the cascades keep: measured, summaries otherwise named people
     of earlier chapters (docs/eval.md).
+    `names`: each request lists this many of its section's main names (`main_names`; 0: none).
     Or, once should_stop() says so, {"type": "stopped", "sections": the finished ones} and nothing
     more (the session keeps the document it had). Done, the session holds the document as read."""
     document = document or session.document
@@ -171,13 +174,14 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
                 progress(ReadProgress(eta.read_tokens, total, time.perf_counter() - t0))
         yield status(k, "summarizing")
         a, b, label = bounds[k]
-        question = SECTION_QUESTION.format(label=label)
+        main = main_names(document.text[a:b], document.text, names)
+        question, lead = with_names(SECTION_QUESTION.format(label=label), SECTION_LEAD.format(label=label), label, main)
         answer = Answer(question)
         start = time.perf_counter()
         memory = freeze(cache, max_new_tokens + 128, memory)
         if focus:  # the section's own slots only (and the sinks): earlier sections stay out of its summary
             memory_of(memory).hide_document(session.config.sinks, recent=max(section_tokens, 1))
-        prompt = session.format.request_text(question, SECTION_LEAD.format(label=label))
+        prompt = session.format.request_text(question, lead)
         for delta in session._generate(memory, session._ids(prompt), answer, max_new_tokens, 0.0, 1.0,
                                        should_stop, 0, 0, names=session.source_names(f"{document.title}\n{label}\n{document.text[a:b]}")):
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
@@ -186,7 +190,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
         eta.summary_seconds += time.perf_counter() - start
         eta.done += 1
         text = whole_sentences(answer.text) if answer.cut else answer.text
-        event = {**plan[k], "type": "section", "summary": text, "cut": answer.cut,
+        event = {**plan[k], "type": "section", "summary": text, "cut": answer.cut, "names": main,
                  "seconds": time.perf_counter() - start}
         sections.append(event)
         yield event
@@ -239,7 +243,8 @@ def final_summary(session: ReadingSession, document: documents.Document, section
 
     Each part reads the labelled summaries of its run of sections as a short document of its own and
     says them in one or two sentences (a part cut by its share of `final_tokens` ends at its last
-    whole sentence). Names and numbers must be the document's."""
+    whole sentence). Names and numbers must be the document's. The request lists no names: given its
+    part's main names, SmolLM2 echoed the list into the summary ("Chapter 1 (about LORD, Jonah, ...)")."""
     start, shown = time.perf_counter(), ""
     runs = parts_of(sections)
     for k, run in enumerate(runs):

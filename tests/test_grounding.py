@@ -88,3 +88,12 @@ def test_letters_of_any_script_are_part_of_the_word(smollm2):
     assert not g.allowed("the kingdom of Shall", "ām") and not g.allowed("the kingdom of", " Shallām")
     assert entities("He came from Shallām and Moses.") == ["Shallām", "Moses"]
     assert not grounded("Shallām", "Moses shall go unto Pharaoh.")
+
+
+def test_a_word_in_mixed_case_must_be_written_so_in_the_source(smollm2):
+    """Matched without case, "midst" and "Nineveh" let the 135M model write "A-MidSt-A-I-NiNeVEh"."""
+    g = SourceNames("Jonah went in the midst of Nineveh with McAdam. The LORD spake.", smollm2.tokenizer)
+    assert g.allowed("the son of", " Mid") and not g.allowed("the son of Mid", "St")
+    assert not g.allowed("the city of Ni", "NeVEh") and g.allowed("the city of", " Nineveh")
+    assert g.allowed("with", " McAdam") and g.allowed("with Mc", "Ad")  # mixed case the source writes
+    assert g.allowed("the", " LORD") and g.allowed("the", " Lord")  # all capitals, or a capital first

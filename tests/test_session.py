@@ -11,6 +11,7 @@ from engine.corpus import kjv_text
 from engine.errors import UserError
 from engine.session import ReadingSession
 from engine.snapshots import manifest_checksum
+from engine.grounding import main_names
 from engine.summaries import section_bounds, summarize_sections
 
 pytestmark = pytest.mark.real_model
@@ -144,6 +145,10 @@ def test_section_summaries_cover_every_section(smollm2):
     sections = [e for e in events if e["type"] == "section"]
     assert [s["label"] for s in sections] == ["p. 1", "p. 2", "p. 3"]
     assert all(s["summary"].strip() for s in sections)
+    # each request named its own section's main names, in the order the section first uses them
+    assert [s["names"] for s in sections] == [main_names(doc.text[s["start_char"]:s["end_char"]], doc.text)
+                                              for s in sections]
+    assert all(s["names"] for s in sections) and sections[0]["names"] != sections[2]["names"]
     status = [(e["index"], e["phase"]) for e in events if e["type"] == "status"]
     assert status == [(0, "reading"), (0, "summarizing"), (1, "reading"), (1, "summarizing"), (2, "reading"),
                       (2, "summarizing"), (3, "final"), (3, "final"), (3, "final")]

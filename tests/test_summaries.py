@@ -5,6 +5,7 @@ import numpy as np
 from engine import documents, recall
 from engine.eval_summary import (coverage, entities, grounding, load_doc, order_correlation, proper_names,
                                  repetition, score_row, third_names, thirds)
+from engine.grounding import main_names, with_names
 from engine.summaries import Eta, section_bounds, whole_sentences
 
 
@@ -136,3 +137,14 @@ def test_central_passages_of_one_part_stay_in_it_and_rank_by_its_own_words():
     assert last and all(2 * end // 3 <= r.passage.token_start < end for r in last)
     assert sum(r.passage.tokens + 8 for r in last) <= 1152
     assert recall.central(index, doc.text, budget=1152, span=(end, 2 * end)) == []  # no passage there
+
+
+def test_main_names_are_the_most_used_in_the_order_of_first_use():
+    doc = ("And Naomi went with Ruth. Then Boaz said unto Ruth, Come. Ruth came to Boaz, and Boaz spake. "
+           "And Naomi said, Blessed be Boaz. Behold, Orpah went home.")
+    assert main_names(doc, doc, 3) == ["Naomi", "Ruth", "Boaz"]  # by count: Boaz 4, Ruth 3, Naomi 2
+    assert main_names(doc, doc, 0) == [] and "Behold" not in main_names(doc, doc, 10)
+    q, lead = with_names("Summarize Chapter 2 in two sentences.", "Chapter 2 tells how", "Chapter 2", ["Naomi", "Ruth"])
+    assert q == "Summarize Chapter 2 (about Naomi and Ruth) in two sentences."
+    assert lead == "Chapter 2 names Naomi and Ruth. Chapter 2 tells how"
+    assert with_names("Summarize Chapter 2.", "lead", "Chapter 2", []) == ("Summarize Chapter 2.", "lead")
