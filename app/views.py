@@ -402,7 +402,9 @@ def sections_html(sections: list[dict], current_label: str, current: str, final:
             more = "…" if len(text) > SOURCE_CHARS else ""
             source = f"<blockquote>{html.escape(text[:SOURCE_CHARS])}{more}</blockquote>"
         cut = " <i>(cut at the length limit)</i>" if s.get("cut") else ""
-        parts.append(f"<div class='section' data-index='{s['index']}'><h4>{html.escape(s['label'])}</h4>"
+        # the main names its request gave: who the section is about, whatever the model made of it
+        about = f" <span class='names'>· about {html.escape(', '.join(s['names']))}</span>" if s.get("names") else ""
+        parts.append(f"<div class='section' data-index='{s['index']}'><h4>{html.escape(s['label'])}{about}</h4>"
                      f"<p>{html.escape(s['summary'])}{cut}</p><details class='source'><summary>source: "
                      f"{html.escape(s.get('source') or s['label'])}</summary>{source}</details></div>")
     if current:

@@ -28,3 +28,12 @@ def test_the_map_draws_with_long_labels_and_stays_its_width():
     assert len(ticks) == 5 and ticks[0] == "0" and ticks[-1] == "240"  # the position always shows
     assert all(t.endswith("…") for t in ticks[1:-1])  # source labels cut, not printed over each other
     assert len(list(svg.iter("{http://www.w3.org/2000/svg}image"))) == 1  # only the cells are pixels
+
+
+def test_a_section_summary_shows_its_label_main_names_and_source():
+    section = {"index": 0, "label": "Chapter 2", "summary": "Ruth gleans in the field of Boaz.", "cut": False,
+               "names": ["Naomi", "Ruth", "Boaz"], "source": "Chapter 2", "start_char": 0, "end_char": 9}
+    page = views.sections_html([section], "", "", "", planned=4)
+    assert "<h4>Chapter 2 <span class='names'>· about Naomi, Ruth, Boaz</span></h4>" in page
+    assert "Section summaries (1 of 4)" in page and "Ruth gleans" in page
+    assert "about" not in views.sections_html([{**section, "names": []}], "", "", "")  # none given, none shown
