@@ -8,6 +8,7 @@ running conversation (follow-ups that see earlier answers) is opt-in per questio
 from __future__ import annotations
 
 import json
+import re
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -670,22 +671,27 @@ class ReadingSession:
         self.loaded_seconds = time.perf_counter() - start  # the read itself happened when it was saved
 
 
-# A base model (plain format) ends its answer by starting the prompt's scaffold again: a new question,
-# or a document tag at a line start (Gemma's section summaries went on "\n\n<document>\nChapter 2 ..."
-# and copied verses, measured in docs/eval.md).
-TURN_ENDS = ("\nQuestion:", "\n<doc", "\n</doc")
+# A base model (plain format) ends its answer by starting the prompt's scaffold again with a new question.
+TURN_ENDS = ("\nQuestion:",)
+# Any answer ends where a line opens a markup tag: Gemma's section summaries went on "\n\n<document>\nChapter
+# 2 ..." and copied verses; SmolLM2's went on "\n<document>", "\n<summary>" or "\n<script>" and web-page
+# code, in 8 of 30 section-mode texts (docs/eval.md). A document reader's answer has no use for markup.
+MARKUP_LINE = re.compile(r"\n[ \t]*<[^\W\d_/!]|\n[ \t]*<[/!]")
+MAYBE_MARKUP = re.compile(r"\n[ \t]*<?$")  # what may still become a markup line: held back
 
 
 def visible_text(text: str, plain: bool) -> tuple[str, bool]:
-    """(the part of a growing answer that may be shown, whether the answer ended). A base model's
-    answer ends where it writes one of TURN_ENDS; an ending that may still become one ("\nQuest") is
-    held back, so a stream never shows a turn word that the finished answer drops."""
-    if not plain:
-        return text, False
-    ends = [text.index(end) for end in TURN_ENDS if end in text]
+    """(the part of a growing answer that may be shown, whether the answer ended). An answer ends where a
+    line opens a markup tag, and a base model's also where it writes one of TURN_ENDS; an ending that
+    may still become one ("\nQuest", "\n<") is held back, so a stream never shows what the finished
+    answer drops."""
+    ends = [m.start()] if (m := MARKUP_LINE.search(text)) else []
+    turn_ends = TURN_ENDS if plain else ()
+    ends += [text.index(end) for end in turn_ends if end in text]
     if ends:
         return text[: min(ends)].rstrip(), True
-    held = max((k for end in TURN_ENDS for k in range(len(end) - 1, 0, -1) if text.endswith(end[:k])), default=0)
+    held = len(m.group()) if (m := MAYBE_MARKUP.search(text)) else 0
+    held = max([held] + [k for end in turn_ends for k in range(len(end) - 1, 0, -1) if text.endswith(end[:k])])
     return text[: len(text) - held], False
 
 

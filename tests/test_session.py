@@ -227,9 +227,14 @@ def test_a_base_models_stream_never_shows_the_turn_word_its_answer_drops():
     shown = [visible_text(t, plain=True) for t in stream]
     assert shown[:3] == [("Jonah went", False), ("Jonah went to Nineveh.", False), ("Jonah went to Nineveh.", False)]
     assert shown[3] == shown[4] == ("Jonah went to Nineveh.", True)
-    assert visible_text("Question: why?\nQuest", plain=False) == ("Question: why?\nQuest", False)  # chat: as is
-    # the prompt's document tags at a line start end it too (a base model starting the scaffold again)
-    assert visible_text("Jonah was angry.\n\n<doc", plain=True) == ("Jonah was angry.", True)
-    assert visible_text("Jonah was angry.\n</document>", plain=True) == ("Jonah was angry.", True)
-    assert visible_text("Jonah was angry.\n<", plain=True) == ("Jonah was angry.", False)  # held back
-    assert visible_text("a <document> in a line", plain=True) == ("a <document> in a line", False)
+    assert visible_text("Question: why?\nQuest", plain=False) == ("Question: why?\nQuest", False)  # chat: no turn word
+    # a markup tag at a line start ends any answer (the prompt's scaffold again, or web-page code)
+    for plain in (True, False):
+        assert visible_text("Jonah was angry.\n\n<doc", plain) == ("Jonah was angry.", True)
+        assert visible_text("Jonah was angry.\n</document>", plain) == ("Jonah was angry.", True)
+        assert visible_text("Jonah prayed.\n  <script>\n  const", plain) == ("Jonah prayed.", True)
+        assert visible_text("Jonah was angry.\n<", plain) == ("Jonah was angry.", False)  # held back
+        assert visible_text("Jonah was angry.\n", plain) == ("Jonah was angry.", False)
+        assert visible_text("Jonah was angry.\nThen", plain) == ("Jonah was angry.\nThen", False)
+        assert visible_text("a <document> in a line", plain) == ("a <document> in a line", False)
+        assert visible_text("one\n< two\n<3", plain) == ("one\n< two\n<3", False)  # not a tag
