@@ -403,8 +403,8 @@ def sections_html(sections: list[dict], current_label: str, current: str, final:
             source = f"<blockquote>{html.escape(text[:SOURCE_CHARS])}{more}</blockquote>"
         cut = " <i>(cut at the length limit)</i>" if s.get("cut") else ""
         # the main names its request gave: who the section is about, whatever the model made of it
-        about = f" <span class='names'>· about {html.escape(', '.join(s['names']))}</span>" if s.get("names") else ""
-        parts.append(f"<div class='section' data-index='{s['index']}'><h4>{html.escape(s['label'])}{about}</h4>"
+        about = f"<div class='names'>about {html.escape(', '.join(s['names']))}</div>" if s.get("names") else ""
+        parts.append(f"<div class='section' data-index='{s['index']}'><h4>{html.escape(s['label'])}</h4>{about}"
                      f"<p>{html.escape(s['summary'])}{cut}</p><details class='source'><summary>source: "
                      f"{html.escape(s.get('source') or s['label'])}</summary>{source}</details></div>")
     if current:

@@ -26,6 +26,8 @@ def test_section_summary_progress_stop_and_sources(app_url, browser):
     page.click("#summarize")
     page.wait_for_selector("#summary .section[data-index='0'] h4", timeout=180_000)  # the first finished section
     assert page.inner_text("#summary .section[data-index='0'] h4") == "Chapter 1"
+    about = page.inner_text("#summary .section[data-index='0'] .names")  # who the section is about
+    assert about.startswith("about ") and "Naomi" in about, about
     page.click("#sum-stop")
     page.wait_for_selector("#summary :text('Stopped. Kept the')", timeout=60_000)
     note = page.inner_text("#summary .note")

@@ -34,6 +34,6 @@ def test_a_section_summary_shows_its_label_main_names_and_source():
     section = {"index": 0, "label": "Chapter 2", "summary": "Ruth gleans in the field of Boaz.", "cut": False,
                "names": ["Naomi", "Ruth", "Boaz"], "source": "Chapter 2", "start_char": 0, "end_char": 9}
     page = views.sections_html([section], "", "", "", planned=4)
-    assert "<h4>Chapter 2 <span class='names'>· about Naomi, Ruth, Boaz</span></h4>" in page
+    assert "<h4>Chapter 2</h4><div class='names'>about Naomi, Ruth, Boaz</div>" in page
     assert "Section summaries (1 of 4)" in page and "Ruth gleans" in page
     assert "about" not in views.sections_html([{**section, "names": []}], "", "", "")  # none given, none shown
