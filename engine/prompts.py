@@ -17,7 +17,7 @@ SUMMARY_PART_QUESTION = "Summarize the {part} of the document in one or two sent
 SECTION_QUESTION = "Summarize {label} in two or three sentences: who does what. Use only the names it gives."
 # a base model (plain format) continues text rather than following requests: it gets the start of the summary
 SECTION_LEAD = "In two or three sentences, using only its own names and events, {label} tells how"
-# The text's main names (summaries.main_names), in the order it first uses them, added to a summary request:
+# The text's main names (grounding.main_names), in the order it first uses them, added to a summary request:
 # an entity plan, as in Narayan et al. 2021 ("Planning with learned entity prompts"), but counted from the
 # text instead of predicted. Measured in docs/eval.md (issue 14).
 NAMES_HINT = "{label} (about {names})"

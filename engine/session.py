@@ -676,7 +676,7 @@ TURN_ENDS = ("\nQuestion:",)
 # Any answer ends where a line opens a markup tag: Gemma's section summaries went on "\n\n<document>\nChapter
 # 2 ..." and copied verses; SmolLM2's went on "\n<document>", "\n<summary>" or "\n<script>" and web-page
 # code, in 8 of 30 section-mode texts (docs/eval.md). A document reader's answer has no use for markup.
-MARKUP_LINE = re.compile(r"\n[ \t]*<[^\W\d_/!]|\n[ \t]*<[/!]")
+MARKUP_LINE = re.compile(r"\n[ \t]*<(?:[^\W\d_]|[/!])")  # "<" then a letter, "/" or "!"
 MAYBE_MARKUP = re.compile(r"\n[ \t]*<?$")  # what may still become a markup line: held back
 
 

@@ -29,7 +29,7 @@ import torch
 from . import documents
 from .errors import UserError
 from .memory import freeze, memory_of
-from .grounding import MAIN_NAMES, main_names, with_names
+from .grounding import main_names, with_names
 from .prompts import DOC_OUTRO, FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
 from .runtime import ReadProgress
@@ -119,7 +119,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
                        max_sections: int = MAX_SECTIONS, max_new_tokens: int = SECTION_TOKENS,
                        final_tokens: int = 300, should_stop: Callable[[], bool] | None = None,
                        progress: Callable[[ReadProgress], None] | None = None,
-                       focus: bool = True, names: int = MAIN_NAMES) -> Iterator[dict]:
+                       focus: bool = True) -> Iterator[dict]:
     """Events, in order:
     - {"type": "plan", "sections": [{"index", "label", "start_char", "end_char", "source"}]};
     - per section: {"type": "status", "index", "of", "label", "phase": "reading"|"summarizing",
@@ -132,7 +132,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
     tokens (the newest cascade holds the latest tokens, so these are mostly the section's), and not
     the sketch of earlier sections that the cascades keep: measured, summaries otherwise named people
     of earlier chapters (docs/eval.md).
-    `names`: each request lists this many of its section's main names (`main_names`; 0: none).
+    Each request names its section's main names (`grounding.main_names`).
     Or, once should_stop() says so, {"type": "stopped", "sections": the finished ones} and nothing
     more (the session keeps the document it had). Done, the session holds the document as read."""
     document = document or session.document
@@ -174,7 +174,7 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
                 progress(ReadProgress(eta.read_tokens, total, time.perf_counter() - t0))
         yield status(k, "summarizing")
         a, b, label = bounds[k]
-        main = main_names(document.text[a:b], document.text, names)
+        main = main_names(document.text[a:b], document.text)
         question, lead = with_names(SECTION_QUESTION.format(label=label), SECTION_LEAD.format(label=label), label, main)
         answer = Answer(question)
         start = time.perf_counter()
