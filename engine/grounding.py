@@ -104,14 +104,19 @@ class SourceNames:
             if not self._checked(w):
                 continue
             finished = b < len(joined)  # something other than a letter or digit follows it in this piece
+            opens = (before + joined[:m.start()]).rstrip()[-1:] in ("", ".", "!", "?", ":", '"', "\n")
+            low = w.lower()
             if finished and b + 1 == len(joined) and joined[b] in ".,:" and w[0].isdigit():
-                finished = False  # "00:01:" may go on to "00:01:41"
+                # "00:01:" may go on to "00:01:41", and "in 1871." may end a sentence; "1:" that is
+                # neither led to a dead end where every next token was ruled out (then the model's
+                # own choice is kept, and it wrote "1:2:3:4:1:1:5" in a transcript's summary)
+                if self._grown(low + joined[b], opens) or self._whole(low, opens):
+                    continue
+                return False
             if b <= len(tail) and not finished:
                 continue  # the unchanged tail, still open: it was checked when written
-            opens = (before + joined[:m.start()]).rstrip()[-1:] in ("", ".", "!", "?", ":", '"', "\n")
             if _mixed(w) and w not in self.mixed:
                 return False
-            low = w.lower()
             if not (self._whole(low, opens) if finished else self._grown(low, opens)):
                 return False
         return True
@@ -146,9 +151,22 @@ def main_names(source: str, document_text: str, k: int = MAIN_NAMES) -> list[str
     """The k names `source` uses most, in the order it first uses them. A name is a capitalised word the
     whole document rarely writes in lower case (`eval_summary.proper_names`, the rule the coverage metric
     counts with, so the request and the measurement agree on what a name is)."""
-    top = [w for w, _ in proper_names(source, document_text).most_common(k)] if k else []
-    first = {w: m.start() if (m := re.search(rf"\b{re.escape(w)}", source)) else len(source) for w in top}
-    return sorted(top, key=first.get)
+    return _in_first_use_order([w for w, _ in proper_names(source, document_text).most_common(k)] if k else [], source)
+
+
+def part_names(source: str, part_text: str, document_text: str, k: int = MAIN_NAMES) -> list[str]:
+    """The k names of `source` (passages of one part of the document) that are most that part's own, in
+    the order `source` first uses them: ranked by count in `source` times the share of the document's
+    uses that fall in `part_text`. A hero named all through a book ranks below the people the part
+    brings in, so a summary's middle names the middle's people (docs/eval.md, issue 14)."""
+    counts, part, whole = (proper_names(t, document_text) for t in (source, part_text, document_text))
+    ranked = sorted(counts, key=lambda w: counts[w] * part[w] / max(whole[w], 1), reverse=True)[:k] if k else []
+    return _in_first_use_order(ranked, source)
+
+
+def _in_first_use_order(names: list[str], source: str) -> list[str]:
+    first = {w: m.start() if (m := re.search(rf"\b{re.escape(w)}", source)) else len(source) for w in names}
+    return sorted(names, key=first.get)
 
 
 def with_names(question: str, lead: str, label: str, names: list[str]) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from .devices import peak_memory_mb
 from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
-from .grounding import SourceNames, main_names, with_names
+from .grounding import SourceNames, part_names, with_names
 from .prompts import DOC_OUTRO, SUMMARY_PART_QUESTION, SUMMARY_QUESTION, PromptFormat, prompt_format
 from .recall import NARROW_TOKENS
 from .runtime import Engine, ReadProgress
@@ -272,12 +272,13 @@ class ReadingSession:
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
             passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None,
-            document_names: bool = False, written: list[int] | None = None) -> Iterator[str]:
+            names: SourceNames | None = None, written: list[int] | None = None) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
         `passages`: re-read these instead of the ones recall would choose for the question (summaries);
         `keep_memory`: keep the cascade memory in view beside recalled passages (default: the setting);
-        `document_names`: the answer may name whatever the document names, not only its passages' names;
+        `names`: the names and numbers the answer may write (a summary part: its part of the document's);
+        default: the recalled passages' and the question's (`_answer_names`);
         `written`: token ids already written (a summary's earlier parts): no n-gram of theirs is repeated.
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
@@ -317,7 +318,7 @@ class ReadingSession:
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
                                   n_citations, tail_doc=tail_doc, start=start,
-                                  names=self._answer_names(question, [] if document_names else recalled), written=written)
+                                  names=names if names is not None else self._answer_names(question, recalled), written=written)
         if continue_conversation:
             self.turns = turns + [(question, answer.text)]
 
@@ -329,6 +330,13 @@ class ReadingSession:
         if recalled:
             return self.source_names("\n".join([self.document.title, question] + [r.text for r in recalled]))
         return self.document_names()
+
+    def _summary_names(self, part: str = "") -> SourceNames | None:
+        """The names a summary may write: those of its `part` of the document, else the whole document's
+        (None when AnswerSettings.names is "free")."""
+        if self.answering.names == "free":
+            return None
+        return self.source_names(f"{self.document.title}\n{part}") if part else self.document_names()
 
     def source_names(self, source: str) -> SourceNames:
         """The names and numbers of `source`, plus the prompt format's own turn words: a base model ends
@@ -560,22 +568,28 @@ class ReadingSession:
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost) if passages else None
             yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                                 should_stop=should_stop, recall_on=recalled is not None, passages=recalled,
-                                keep_memory=True, document_names=True)
+                                keep_memory=True, names=self._summary_names())
             return
         whole, start, end = Answer(SUMMARY_QUESTION), time.perf_counter(), passages[-1].token_end
         texts, written = [], []  # the parts' text and token ids so far
         for k, part_name in enumerate(parts):
             span = (end * k // len(parts), end * (k + 1) // len(parts))
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost, span=span)
+            own = [p for p in passages if span[0] <= p.token_start < span[1]]
+            part_text = self.source_map.text[own[0].char_start:own[-1].char_end] if own else ""
             gap = " " if whole.text else ""
-            # the part's request names the main names of the passages it re-reads (grounding.with_names)
-            names = main_names("\n".join(r.text for r in recalled), self.source_map.text) if recalled else []
+            # The part's request names the names of its passages that are most its own third's
+            # (grounding.part_names), and it may write only names its third has: the beginning's
+            # part had named the book's last people (docs/eval.md, issue 14).
+            names = part_names("\n".join(r.text for r in recalled), part_text,
+                               self.source_map.text) if recalled else []
             question, _ = with_names(SUMMARY_PART_QUESTION.format(part=part_name), "",
                                      f"the {part_name} of the document", names)
+            grounded = self._summary_names(part_text)
             for delta in self.ask(question,
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
                                   should_stop=should_stop, recall_on=bool(recalled), passages=recalled or None,
-                                  keep_memory=not recalled, document_names=True, written=written):
+                                  keep_memory=not recalled, names=grounded, written=written):
                 delta = (gap + delta.lstrip()) if gap and delta else delta
                 gap = "" if delta else gap
                 if delta and whole.first_token_seconds is None:

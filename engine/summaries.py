@@ -243,7 +243,7 @@ def final_summary(session: ReadingSession, document: documents.Document, section
 
     Each part reads the labelled summaries of its run of sections as a short document of its own and
     says them in one or two sentences (a part cut by its share of `final_tokens` ends at its last
-    whole sentence). Names and numbers must be the document's. The request lists no names: given its
+    whole sentence). Names and numbers must be its sections' own. The request lists no names: given its
     part's main names, SmolLM2 echoed the list into the summary ("Chapter 1 (about LORD, Jonah, ...)")."""
     start, shown = time.perf_counter(), ""
     runs = parts_of(sections)
@@ -254,10 +254,13 @@ def final_summary(session: ReadingSession, document: documents.Document, section
         question = FINAL_SUMMARY_QUESTION.format(labels=labels, title=document.title)
         lead = FINAL_SUMMARY_LEAD.format(labels=labels, title=document.title)
         ids = session._ids(session.format.prefix + joined) + session._ids(session.format.request_text(question, lead))
+        # the part may write only names its own sections have, as a section summary only its section's:
+        # a part about the beginning cannot bring in the people of the end
+        names = session.source_names(f"{document.title}\n{labels}\n{document.text[run[0]['start_char']:run[-1]['end_char']]}")
         part = Answer(question)
         with torch.inference_mode():
             for _ in session._generate(session.engine.new_cache(), ids, part, max(32, final_tokens // len(runs)),
-                                       0.0, 1.0, should_stop, 0, 0, names=session.document_names()):
+                                       0.0, 1.0, should_stop, 0, 0, names=names):
                 pass
         # a small model may echo the closing tag of the document it was given
         text = (whole_sentences(part.text) if part.cut else part.text).replace(DOC_OUTRO.strip(), "").strip()

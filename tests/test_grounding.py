@@ -30,6 +30,8 @@ def test_a_number_with_groups_must_be_the_sources_whole(smollm2):
     assert g.allowed("verse 3:", "16") and not g.allowed("verse 3:", "17")
     assert g.allowed("It was 1903", ".") and g.allowed("It was 1903.", " Then") and not g.allowed("It was 19", "04")
     assert g.allowed("at 00:01:41", ":") and g.allowed("at 00:01:41:", " Maya")  # an open separator, then a word
+    # "1:" starts no number of the source, and "1" is none: every next token would be ruled out there
+    assert g.allowed("at 1", "9") and not g.allowed("at 1", ":") and g.allowed("at 3", ":")
 
 
 def test_the_processor_turns_the_greedy_choice_to_a_grounded_name(smollm2):

@@ -1,6 +1,7 @@
 """Sessions on the real model: snapshots, conversation modes, citations, section summaries."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -134,12 +135,14 @@ def test_questions_start_from_the_document_unless_continuing(read_session):
     assert read_session.doc_cache.seen == seen and len(read_session.turns) == 1  # the follow-up kept its turn
 
 
-def test_section_summaries_cover_every_section(smollm2):
+def test_section_summaries_cover_every_section(smollm2, monkeypatch):
     segments = [documents.Segment(kjv_text(max_chars=2500, start_verse=s), f"p. {k + 1}", {"page": k + 1})
                 for k, s in enumerate((0, 400, 800))]
     doc = documents.Document(path=None, kind="pdf", title="three pages", segments=segments, sha256="x")
     assert [b[2] for b in section_bounds(doc, min_chars=2000)] == ["p. 1", "p. 2", "p. 3"]
     session = ReadingSession(smollm2, CONFIG, stride=256)
+    grounded_in, source_names = [], session.source_names
+    monkeypatch.setattr(session, "source_names", lambda text: grounded_in.append(text) or source_names(text))
     events = list(summarize_sections(session, doc, max_new_tokens=24, final_tokens=32))
     assert events[0]["type"] == "plan" and [s["source"] for s in events[0]["sections"]] == ["p. 1", "p. 2", "p. 3"]
     sections = [e for e in events if e["type"] == "section"]
@@ -154,6 +157,10 @@ def test_section_summaries_cover_every_section(smollm2):
                       (2, "summarizing"), (3, "final"), (3, "final"), (3, "final")]
     parts = [(e["part"], e["parts"], e["label"]) for e in events if e["type"] == "status" and e["phase"] == "final"]
     assert parts == [(0, 3, "p. 1"), (1, 3, "p. 2"), (2, 3, "p. 3")]  # the final summary in the book's order
+    # each section, and each part of the final summary, may name only what its own text names
+    own = [doc.text[s["start_char"]:s["end_char"]] for s in sections]
+    assert len(grounded_in) == 6 and all(g.endswith(o) for g, o in zip(grounded_in, own + own))
+    assert all(len(g) < len(o) + 40 for g, o in zip(grounded_in, own + own))  # the title and label, no more
     etas = [e["eta_seconds"] for e in events if e["type"] == "status"]
     assert etas[:2] == [None, None] and all(x is not None and x >= 0 for x in etas[2:])  # once one is timed
     assert events[-1]["type"] == "done" and events[-1]["summary"].strip()
@@ -196,6 +203,27 @@ def test_cache_summary_is_written_in_parts_from_each_thirds_passages(read_sessio
     assert thirds == {0, 1, 2}  # each part re-read passages of its own third
     assert summary.first_token_seconds is not None and summary.seconds >= summary.first_token_seconds
     assert read_session.doc_cache.seen == seen  # memory stays as read
+
+
+def test_each_cache_summary_part_may_name_only_its_own_thirds_names(read_session, monkeypatch):
+    given, ask = [], read_session.ask
+
+    def recording_ask(*args, **kwargs):  # the real ask; records which names each part was allowed
+        given.append(kwargs["names"])
+        return ask(*args, **kwargs)
+
+    monkeypatch.setattr(read_session, "ask", recording_ask)
+    list(read_session.summarize(max_new_tokens=48))
+    passages, text = read_session.index.passages, read_session.source_map.text
+    end = passages[-1].token_end
+    thirds = [[p for p in passages if k * end // 3 <= p.token_start < (k + 1) * end // 3] for k in range(3)]
+    words = [set(re.findall(r"[a-z]+", text[t[0].char_start:t[-1].char_end].lower())) for t in thirds]
+    allowed = set(re.findall(r"[a-z]+", ("Genesis " + read_session.format.question).lower()))  # title, turn words
+    assert len(given) == 3
+    for k, names in enumerate(given):
+        others = set().union(*(words[j] for j in range(3) if j != k)) - words[k] - allowed  # only other thirds'
+        assert others and not others & names.words
+        assert words[k] <= names.words
 
 
 def test_a_summary_part_cannot_repeat_a_phrase_of_the_parts_before_it(read_session):

@@ -5,7 +5,7 @@ import numpy as np
 from engine import documents, recall
 from engine.eval_summary import (coverage, entities, grounding, load_doc, order_correlation, proper_names,
                                  repetition, score_row, third_names, thirds)
-from engine.grounding import main_names, with_names
+from engine.grounding import main_names, part_names, with_names
 from engine.summaries import Eta, section_bounds, whole_sentences
 
 
@@ -148,3 +148,14 @@ def test_main_names_are_the_most_used_in_the_order_of_first_use():
     assert q == "Summarize Chapter 2 (about Naomi and Ruth) in two sentences."
     assert lead == "Chapter 2 names Naomi and Ruth. Chapter 2 tells how"
     assert with_names("Summarize Chapter 2.", "lead", "Chapter 2", []) == ("Summarize Chapter 2.", "lead")
+
+
+def test_part_names_prefer_the_people_a_part_brings_in_over_the_hero_named_all_through():
+    first = "Ruth went with Naomi. Ruth said, Naomi, I go. And Ruth wept. "
+    middle = "Ruth met Boaz. Then Ruth spake, and Boaz said, Ruth, come. Ruth came; Boaz gave Ruth corn. "
+    end = "And Ruth bare Obed, and Ruth was blessed. Ruth was glad. "
+    doc = first + middle + end
+    assert main_names(middle, doc, 1) == ["Ruth"]  # the most used name in the middle
+    assert part_names(middle, middle, doc, 1) == ["Boaz"]  # the middle's own: 3 of Boaz's 3 uses against 4 of Ruth's 10
+    assert part_names(middle, middle, doc, 2) == ["Ruth", "Boaz"]  # in the order the passages first use them
+    assert part_names(middle, middle, doc, 0) == []

@@ -22,7 +22,7 @@ def long_text(n: int, topic: str) -> str:
     return " ".join(f"Line {i} of the {topic} log notes the wind, the tide and the boats in harbour." for i in range(n))
 
 
-def read_text(page, text, timeout=120_000):
+def read_text(page, text, timeout=300_000):
     # mark the progress shown now, so that a "done" left from an earlier read does not count
     page.evaluate("document.querySelector('#progress .read-progress').dataset.old = '1'")
     page.fill("#pasted textarea", text)
@@ -40,7 +40,7 @@ def test_sessions_are_private_survive_reload_and_snapshots_need_confirming(app_u
     read_text(a, MEMO)
     a.fill("#question textarea", "Who is the keeper of the lighthouse?")
     a.click("#ask")
-    a.wait_for_selector("#chat :text('Recalled passages')", timeout=120_000)
+    a.wait_for_selector("#chat :text('Recalled passages')", timeout=300_000)
     answer_before = a.inner_text("#chat").split("lighthouse?", 1)[1].split("Recalled passages", 1)[0].strip()
     assert answer_before
 
@@ -77,9 +77,9 @@ def test_sessions_are_private_survive_reload_and_snapshots_need_confirming(app_u
     a.fill("#pasted textarea", long_text(1500, "harbour"))
     a.click("#read")
     a.wait_for_function("/reading: [1-9]/.test(document.querySelector('#progress .label').innerText)",
-                        timeout=60_000)
+                        timeout=150_000)
     a.click("#cancel")
-    a.wait_for_selector("#progress [data-state=cancelled]", timeout=60_000)
+    a.wait_for_selector("#progress [data-state=cancelled]", timeout=150_000)
     assert "previous document is still loaded" in a.inner_text("#status")
     assert "pasted text" in a.inner_text("#facts") and "tokens" in a.inner_text("#facts")
 
@@ -87,7 +87,7 @@ def test_sessions_are_private_survive_reload_and_snapshots_need_confirming(app_u
     a.get_by_role("tab", name="Snapshots").click()
     pick_snapshot(a, "committee minutes")
     a.click("#snap-load")
-    a.wait_for_selector("#snap-status :text('Loaded committee minutes')", timeout=60_000)
+    a.wait_for_selector("#snap-status :text('Loaded committee minutes')", timeout=150_000)
     assert a.locator("#progress [data-state=loaded]").count() == 1
     assert "idle" not in a.inner_text("#progress") and progress_tokens(a) > 0
     assert "loaded from snapshot committee minutes in" in a.inner_text("#facts")
@@ -112,7 +112,7 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     page.fill("#pasted textarea", long_text(250, "ferry") + " " + MEMO)
     page.click("#read")
     page.wait_for_function("/reading: [1-9]/.test(document.querySelector('#progress .label').innerText)",
-                           timeout=60_000)
+                           timeout=150_000)
     # fix 9: record the chat on every change: no pending bubble may show above the new question
     page.evaluate("""() => { window.__chat = [];
         new MutationObserver(() => { const c = document.querySelector('#chat');
@@ -120,8 +120,8 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
             .observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true}); }""")
     page.fill("#question textarea", "Who is the keeper of the lighthouse?")
     page.click("#ask")
-    page.wait_for_selector("#progress [data-state=done]", timeout=120_000)
-    page.wait_for_selector("#chat :text('Recalled passages')", timeout=120_000)
+    page.wait_for_selector("#progress [data-state=done]", timeout=300_000)
+    page.wait_for_selector("#chat :text('Recalled passages')", timeout=300_000)
     chat = page.inner_text("#chat")
     assert "(no answer)" not in chat and "(stopped)" not in chat, chat
     answer = chat.split("Who is the keeper of the lighthouse?", 1)[1].split("Recalled passages", 1)[0].strip()
@@ -150,7 +150,7 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     page.get_by_role("tab", name="Compare").click()
     page.fill("#compare-question textarea", "Who is the keeper?")
     page.click("#compare")
-    page.wait_for_selector("#compare-a :text('ETA')", timeout=60_000)
+    page.wait_for_selector("#compare-a :text('ETA')", timeout=150_000)
     page.click("#compare-stop")
     page.wait_for_selector("#compare-b :text('Stopped before it started')", timeout=30_000)
     assert "waiting" not in page.inner_text("#compare-b")
@@ -164,9 +164,9 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     page.get_by_label("Section by section (re-reads the document)").check()
     set_number(page, "max-new", "64")
     page.click("#summarize")
-    page.wait_for_selector("#summary :text('summarizing…')", timeout=60_000)  # in the section's answer
+    page.wait_for_selector("#summary :text('summarizing…')", timeout=150_000)  # in the section's answer
     page.click("#sum-stop")
-    page.wait_for_selector("#summary :text('Stopped')", timeout=60_000)
+    page.wait_for_selector("#summary :text('Stopped')", timeout=150_000)
     assert "Done:" not in page.inner_text("#summary")
 
     # fix 5: once every section is summarized, the note says the final summary is being written
@@ -175,7 +175,7 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
             if (n) window.__notes.push(n.innerText); })
             .observe(document.querySelector('#summary'), {subtree: true, childList: true, characterData: true}); }""")
     page.click("#summarize")
-    page.wait_for_selector("#summary :text('Done: 1 section')", timeout=120_000)
+    page.wait_for_selector("#summary :text('Done: 1 section')", timeout=300_000)
     notes = page.evaluate("window.__notes")
     assert any("Writing the summary of the whole document from 1 section summary" in n for n in notes), notes
     shot(page, "12-summary-stopped")
@@ -188,7 +188,7 @@ def test_a_short_read_takes_turns_with_another_sessions_long_answer(app_url, bro
     a = open_app(browser, app_url)
     read_text(a, MEMO)
     start_long_answer(a, "Tell me a very long and detailed story about the lighthouse keeper and his bell.")
-    read_text(b, "A short memo: the boat leaves at noon from pier four.", timeout=240_000)
+    read_text(b, "A short memo: the boat leaves at noon from pier four.", timeout=600_000)
     chat = a.inner_text("#chat")
     assert "Recalled passages" not in chat and "(stopped)" not in chat, chat  # a's answer still going
     a.click("#stop")
@@ -208,7 +208,7 @@ def test_retention_map_labels_are_text_that_fits(app_url, browser, tmp_path):
     page.set_input_files("#upload input[type=file]", str(srt))
     page.wait_for_selector("#upload [aria-label='meeting.srt']", timeout=20_000)
     page.click("#read")
-    page.wait_for_selector("#progress [data-state=done]", timeout=120_000)
+    page.wait_for_selector("#progress [data-state=done]", timeout=300_000)
     page.get_by_role("tab", name="Retention").click()
     page.wait_for_selector("#retention-map .rmap", timeout=20_000)
     boxes = page.evaluate("""() => [...document.querySelectorAll('#retention-map text')].map(t => {
@@ -230,7 +230,7 @@ def test_limits_busy_sessions_and_upload_size(app_url, browser, tmp_path):
         page.click("#read")
     for page in readers:
         page.wait_for_function("/reading|waiting/.test(document.querySelector('#progress .label').innerText)",
-                               timeout=60_000)
+                               timeout=150_000)
     late = open_app(browser, app_url, settings=False)
     late.fill("#pasted textarea", MEMO)
     late.click("#read")
@@ -241,7 +241,7 @@ def test_limits_busy_sessions_and_upload_size(app_url, browser, tmp_path):
     for page in readers:
         page.click("#cancel")
     for page in readers:
-        page.wait_for_selector("#progress [data-state=cancelled]", timeout=60_000)
+        page.wait_for_selector("#progress [data-state=cancelled]", timeout=150_000)
 
     # an upload over --max-upload-mb is refused before it reaches the reader
     big = tmp_path / "big.txt"
@@ -274,6 +274,6 @@ def test_an_idle_session_is_freed_and_its_snapshot_stays(idle_app_url, browser):
     back.get_by_role("tab", name="Snapshots").click()
     pick_snapshot(back, "idle minutes")  # ...and the snapshot stayed, loadable
     back.click("#snap-load")
-    back.wait_for_selector("#snap-status :text('Loaded idle minutes')", timeout=60_000)
+    back.wait_for_selector("#snap-status :text('Loaded idle minutes')", timeout=150_000)
     assert "pasted text" in back.inner_text("#facts")
     shot(back, "14-idle-freed")

@@ -16,7 +16,7 @@ def test_section_summary_progress_stop_and_sources(app_url, browser):
     text, _ = book_text("Ruth")
     page.fill("#pasted textarea", text[:text.index("Chapter 4")])  # chapters 1-3, ~2,600 tokens
     page.click("#read")
-    page.wait_for_selector("#progress [data-state=done]", timeout=120_000)
+    page.wait_for_selector("#progress [data-state=done]", timeout=300_000)
     page.get_by_role("tab", name="Summary").click()
     page.get_by_label("Section by section (re-reads the document)").check()
     page.evaluate("""() => { window.__notes = [];
@@ -24,12 +24,12 @@ def test_section_summary_progress_stop_and_sources(app_url, browser):
             if (n) window.__notes.push(n.innerText); })
             .observe(document.querySelector('#summary'), {subtree: true, childList: true, characterData: true}); }""")
     page.click("#summarize")
-    page.wait_for_selector("#summary .section[data-index='0'] h4", timeout=180_000)  # the first finished section
+    page.wait_for_selector("#summary .section[data-index='0'] h4", timeout=450_000)  # the first finished section
     assert page.inner_text("#summary .section[data-index='0'] h4") == "Chapter 1"
     about = page.inner_text("#summary .section[data-index='0'] .names")  # who the section is about
     assert about.startswith("about ") and "Naomi" in about, about
     page.click("#sum-stop")
-    page.wait_for_selector("#summary :text('Stopped. Kept the')", timeout=60_000)
+    page.wait_for_selector("#summary :text('Stopped. Kept the')", timeout=150_000)
     note = page.inner_text("#summary .note")
     kept = int(re.search(r"Kept the (\d+) finished", note).group(1))
     assert 1 <= kept <= 2 and "of 3" in note and "no summary of the whole document" in note, note
@@ -43,7 +43,7 @@ def test_section_summary_progress_stop_and_sources(app_url, browser):
     shot(page, "7-summary-stopped")
 
     page.click("#summarize")  # run to the end: three sections and the summary of the whole document
-    page.wait_for_selector("#summary :text('Done: 3 section summaries')", timeout=240_000)
+    page.wait_for_selector("#summary :text('Done: 3 section summaries')", timeout=600_000)
     labels = [h.inner_text() for h in page.locator("#summary .section h4").all()]
     assert labels == ["Chapter 1", "Chapter 2", "Chapter 3"]
     assert page.inner_text("#summary .summary-final p").strip()
