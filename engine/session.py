@@ -7,6 +7,7 @@ running conversation (follow-ups that see earlier answers) is opt-in per questio
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -494,11 +495,20 @@ class ReadingSession:
         if not procs and ngrams is None and names is None:
             return None
 
+        lower = lower_case_ids(self.loaded.tokenizer) if ngrams is not None else None
+
         def process(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
             if ids and procs:
                 logits = procs(torch.tensor([ids], dtype=torch.long), logits[None])[0]
             if ngrams is not None and (ids or before):
-                logits = ngrams(torch.tensor([before + ids], dtype=torch.long), logits[None])[0]
+                # n-grams compared without case: "the LORD is the one" came back as "THE LORD IS THE ONE"
+                # and "the Lord is the One" in a section summary that the 4-gram rule let loop
+                seen = lower[torch.tensor(before + ids, dtype=torch.long)][None]
+                banned = ngrams(seen, torch.zeros(1, len(lower))).isinf()[0]  # [vocab] in lower-case ids
+                mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                n = min(len(mask), len(lower))
+                mask[:n] = banned[lower[:n]]
+                logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
             return names(ids, logits) if names is not None else logits
         return process
 
@@ -692,6 +702,22 @@ TURN_ENDS = ("\nQuestion:",)
 # code, in 8 of 30 section-mode texts (docs/eval.md). A document reader's answer has no use for markup.
 MARKUP_LINE = re.compile(r"\n[ \t]*<(?:[^\W\d_]|[/!])")  # "<" then a letter, "/" or "!"
 MAYBE_MARKUP = re.compile(r"\n[ \t]*<?$")  # what may still become a markup line: held back
+
+
+@functools.lru_cache(maxsize=4)
+def lower_case_ids(tokenizer) -> torch.Tensor:
+    """Each token's id in lower case: the id of the same piece with its ASCII capitals lowered where the
+    vocabulary has it, else its own (" LORD" -> " lord"; byte-level markers such as "Ġ" stay). # [vocab]"""
+    vocab = tokenizer.get_vocab()
+    out = torch.arange(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.long)
+    for piece, i in vocab.items():
+        low = piece.translate(_ASCII_LOWER)
+        if low != piece and low in vocab:
+            out[i] = vocab[low]
+    return out
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def visible_text(text: str, plain: bool) -> tuple[str, bool]:

@@ -236,7 +236,19 @@ def test_a_summary_part_cannot_repeat_a_phrase_of_the_parts_before_it(read_sessi
     fresh = read_session._processor(written=None)(opening, logits.clone())
     after = read_session._processor(written=before)(opening, logits.clone())
     assert fresh[the] == 0 and after[the] == float("-inf")  # "... summarizes the" was written before
-    assert (after.isinf().sum() == 1) and after[before[0]] == fresh[before[0]]  # one n-gram blocked, no penalty on the rest
+    blocked = {tok.decode([i]) for i in after.isinf().nonzero().flatten().tolist()}
+    assert {b.lower() for b in blocked} == {" the"}  # one n-gram blocked, in any capitals
+    assert after[before[0]] == fresh[before[0]]  # and no penalty on the rest
+
+
+def test_no_phrase_comes_back_in_other_capitals(read_session):
+    """A section summary looped on "the LORD is the one", "THE LORD IS THE ONE", "the Lord is the One"."""
+    tok = read_session.loaded.tokenizer
+    ids = tok("The LORD is the one who gives life. THE LORD IS THE", add_special_tokens=False).input_ids
+    logits = read_session._processor()(ids, torch.zeros(len(tok)))
+    for again in (" one", " ONE", " One"):
+        assert logits[tok(again, add_special_tokens=False).input_ids[0]] == float("-inf"), again
+    assert logits[tok(" king", add_special_tokens=False).input_ids[0]] == 0  # anything else stays
 
 
 def test_a_cache_summary_of_fewer_passages_than_parts_is_one_summary(smollm2):
