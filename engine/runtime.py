@@ -219,7 +219,7 @@ class Engine:
         query rows, so their attention joins the scores the cascade contests use (SnapKV-style), but
         their keys are never pushed: the cache holds the document only.
         """
-        threads.tick()  # --threads auto: re-measure the best thread count when a check is due
+        threads.tick(self.dtype)  # --threads auto: re-measure the best thread count when a check is due
         length = ids.shape[1]
         extra = len(focus) if focus else 0
         if extra:

@@ -5,7 +5,7 @@ cores busy, the model's worker threads meet at the end of every parallel region,
 scheduler has handed to another program makes the others wait (libgomp even spins while waiting):
 reads ran 2-15x slower with a browser and a build beside them (FINDINGS.md). One thread has no one
 to wait for. Which is faster depends on the load of the moment, so `--threads auto` measures it: a
-short probe (model-shaped bfloat16 matmuls, ~0.1 s) with each candidate, alternated, when work
+short probe (model-shaped matmuls in the model's dtype, ~0.1 s) with each candidate, alternated, when work
 starts, again after FIRST_RECHECK_S, then every RECHECK_S seconds of model work; the faster count
 is used until the next check. `--threads N` fixes the count. OMP_WAIT_POLICY is left as the user
 set it.
@@ -53,18 +53,21 @@ def candidates() -> list[int]:
     return sorted({1, most}, reverse=True)
 
 
-def _probe(repeats: int = 16) -> float:
-    """Seconds for a fixed model-shaped workload (a 64-token chunk through one MLP) at the current count."""
-    x = torch.ones(64, 576, dtype=torch.bfloat16)
-    w1 = torch.ones(576, 1536, dtype=torch.bfloat16)
-    w2 = torch.ones(1536, 576, dtype=torch.bfloat16)
+def _probe(dtype: torch.dtype = torch.float32, repeats: int = 16) -> float:
+    """Seconds for a fixed model-shaped workload (a 64-token chunk through one MLP) at the current count,
+    in the model's dtype: a bfloat16 probe on a CPU without native bfloat16 (AVX2 only) took 2.4 s, not
+    ~0.1 s, and its emulation gains nothing from a second thread, so auto chose 1 thread and spent more
+    time probing than reading (63 tok/s against 291 with 2 threads, float32, 4k tokens)."""
+    x = torch.ones(64, 576, dtype=dtype)
+    w1 = torch.ones(576, 1536, dtype=dtype)
+    w2 = torch.ones(1536, 576, dtype=dtype)
     start = time.perf_counter()
     for _ in range(repeats):
         x = torch.nn.functional.silu(x @ w1) @ w2 * 1e-3
     return time.perf_counter() - start
 
 
-def choose() -> int:
+def choose(dtype: torch.dtype = torch.float32) -> int:
     """Probe every candidate (alternating, median of 3 each) and use the fastest; returns the count.
 
     The median, not the best: under load a short probe with every thread sometimes lands in a moment
@@ -75,7 +78,7 @@ def choose() -> int:
     for _ in range(3):
         for n in options:
             torch.set_num_threads(n)
-            times[n].append(_probe())
+            times[n].append(_probe(dtype))
     best = {n: sorted(t)[1] for n, t in times.items()}
     # more threads only when clearly faster: on a quiet machine they win by ~1.5x, under load they lose
     choice = options[0] if best[options[0]] < 0.9 * best[options[-1]] else options[-1]
@@ -84,14 +87,15 @@ def choose() -> int:
     return choice
 
 
-def tick() -> None:
-    """Call between steps of model work (every forward): re-measures when a check is due."""
+def tick(dtype: torch.dtype = torch.float32) -> None:
+    """Call between steps of model work (every forward, with the model's dtype): re-measures when a
+    check is due."""
     if _state["mode"] != "auto" or len(candidates()) == 1:
         return
     now = time.monotonic()
     if now >= _state["next_check"]:
         first = not _state["probes"]
-        choose()
+        choose(dtype)
         _state["next_check"] = time.monotonic() + (FIRST_RECHECK_S if first else RECHECK_S)
 
 
