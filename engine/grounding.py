@@ -104,6 +104,8 @@ class SourceNames:
             if not self._checked(w):
                 continue
             finished = b < len(joined)  # something other than a letter or digit follows it in this piece
+            if b <= len(tail) and not finished:
+                continue  # the unchanged tail, still open: it was checked when written
             opens = (before + joined[:m.start()]).rstrip()[-1:] in ("", ".", "!", "?", ":", '"', "\n")
             low = w.lower()
             if finished and b + 1 == len(joined) and joined[b] in ".,:" and w[0].isdigit():
@@ -113,8 +115,6 @@ class SourceNames:
                 if self._grown(low + joined[b], opens) or self._whole(low, opens):
                     continue
                 return False
-            if b <= len(tail) and not finished:
-                continue  # the unchanged tail, still open: it was checked when written
             if _mixed(w) and w not in self.mixed:
                 return False
             if not (self._whole(low, opens) if finished else self._grown(low, opens)):

@@ -349,6 +349,13 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     return sorted(picked, key=lambda r: r.passage.token_start)
 
 
+def in_span(passages: list, text: str, span: tuple[int, int]) -> tuple[list, str]:
+    """The passages that start in `span` (first, end document tokens), and the text from the first
+    one's start to the last one's end ("" when none starts there): one part of a book."""
+    inside = [p for p in passages if span[0] <= p.token_start < span[1]]
+    return inside, text[inside[0].char_start:inside[-1].char_end] if inside else ""
+
+
 def central(index: PassageIndex, text: str, budget: int, tokens_of=lambda p: p.tokens + 8,
             words: int = 20, span: tuple[int, int] | None = None) -> list[Recalled]:
     """The book's central passages, spread over all of it, within `budget` tokens (for a summary).
@@ -364,8 +371,7 @@ def central(index: PassageIndex, text: str, budget: int, tokens_of=lambda p: p.t
 
     passages = index.passages
     if span is not None:
-        passages = [p for p in passages if span[0] <= p.token_start < span[1]]
-        text = text[passages[0].char_start:passages[-1].char_end] if passages else ""
+        passages, text = in_span(passages, text, span)
     if not passages:
         return []
     pool = {p.id for p in passages}

@@ -585,8 +585,7 @@ class ReadingSession:
         for k, part_name in enumerate(parts):
             span = (end * k // len(parts), end * (k + 1) // len(parts))
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost, span=span)
-            own = [p for p in passages if span[0] <= p.token_start < span[1]]
-            part_text = self.source_map.text[own[0].char_start:own[-1].char_end] if own else ""
+            _, part_text = recall.in_span(passages, self.source_map.text, span)
             gap = " " if whole.text else ""
             # The part's request names the names of its passages that are most its own third's
             # (grounding.part_names), and it may write only names its third has: the beginning's
