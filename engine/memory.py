@@ -22,6 +22,7 @@ import copy
 
 import torch
 
+from . import kernels
 from .cache import ChunkPlan, HybridCache, KVCache
 from .errors import UserError
 
@@ -48,6 +49,7 @@ class FrozenMemory(KVCache):
         self.tail = 0
         self.first = 0  # first slot in the view (hide_document may move it past hidden slots)
         self.scored = True  # set False to skip score sums (the fast attention path)
+        self.rotated = [0] * self.n_layers  # per layer: slots before this one hold rotated keys
         n = self.n_doc + self.capacity
         if self.keys is None or self.keys[0].shape[2] != n:
             shape = (self.batch, self.kv_heads, n)
@@ -87,6 +89,22 @@ class FrozenMemory(KVCache):
     def resident(self, layer):
         return self.keys[layer][:, :, self.first: self.end], self.values[layer][:, :, self.first: self.end]
 
+    def rotated_resident(self, layer: int, cos: torch.Tensor, sin: torch.Tensor):
+        """`resident(layer)` with the keys rotated at their in-cache positions, each slot once.
+
+        A frozen slot never moves (the document's slots are fixed, a tail slot's position is set when
+        it is written), so its key is rotated in place the first time attention reads it, not again
+        for every answer token as the cascade's moving slots must be: per layer and answer token one
+        new slot is rotated instead of all ~600 (fewer ops per token; the same values). After this the
+        keys held are rotated ones. cos, sin: [slots in view, head_dim], the runtime's for this plan.
+        """
+        done, end = max(self.rotated[layer], self.first), self.end
+        if done < end:
+            k = self.keys[layer][:, :, done:end]  # [batch, kv_heads, new slots, head_dim]
+            k.copy_(kernels.rope(k, cos[done - self.first:], sin[done - self.first:]))
+            self.rotated[layer] = end
+        return self.resident(layer)
+
     def original_positions(self, layer):
         return self.pos[layer][:, :, self.first: self.end]
 
@@ -112,6 +130,7 @@ class FrozenMemory(KVCache):
         """Forget the tail after its first `tail` tokens (the document memory is untouched)."""
         self.tail = min(self.tail, tail)
         self.seen = self.doc_seen + self.tail
+        self.rotated = [min(r, self.end) for r in self.rotated]
 
     def hide_document(self, sinks: int, recent: int = 0) -> None:
         """Mask the document's slots from attention except the first `sinks` physical slots and the
@@ -123,6 +142,7 @@ class FrozenMemory(KVCache):
         answer's attention skips the hidden slots instead of computing them masked: the same result
         (a masked slot's weight is exactly 0) for far less work per answer token.
         """
+        # rotated keys (`rotated_resident`) may be copied: a sink's copy keeps the sink's in-cache position
         keep = torch.zeros_like(self.doc_valid)
         keep[:sinks] = True
         keep |= self.doc_pos >= self.doc_span - recent

@@ -76,6 +76,7 @@ class PartStep:
     chunk_sin: torch.Tensor
     weights: torch.Tensor | None  # [L] EMA weights of queries; None when the part is unscored
     bias: torch.Tensor | None = None  # additive mask over slots, built by the part's first layer
+    bias_ready: bool = False  # bias is built (it stays None when every slot is filled)
     rope: "RopeTable | None" = None  # set for rope="original": cache keys rotate at their stream positions
     window_bias: torch.Tensor | None = None  # [L, slots + L] for sliding-window parts
     # (keys, values, cache_score, chunk_score) per layer, pushed after the forward (see push_pending)
@@ -97,16 +98,21 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         raise RuntimeError("the 'cascade' attention needs cascade_step=...; run the model through engine.runtime")
     name, layer = cascade_step.cache.part_of(module.layer_idx)
     part = cascade_step.parts[name]
-    k_res, v_res = part.cache.resident(layer)  # [batch, kv_heads, slots, head_dim], un-rotated
     if part.rope is not None:  # ablation: each slot at its original stream position, per KV head
+        k_res, v_res = part.cache.resident(layer)  # [batch, kv_heads, slots, head_dim], un-rotated
         cos, sin = part.rope(part.cache.original_positions(layer).clamp(min=0))  # [batch, kv_heads, slots, hd]
         k_res = kernels.rope(k_res, cos, sin)
-    else:
+    elif hasattr(part.cache, "rotated_resident"):  # frozen slots never move: each is rotated once (engine.memory)
+        k_res, v_res = part.cache.rotated_resident(layer, part.cache_cos, part.cache_sin)
+    else:  # a cascade's slots move to new in-cache positions as it pushes: rotated at every forward
+        k_res, v_res = part.cache.resident(layer)  # un-rotated
         k_res = kernels.rope(k_res, part.cache_cos, part.cache_sin)
     q = kernels.rope(query, part.chunk_cos, part.chunk_sin)
     k_new = kernels.rope(key, part.chunk_cos, part.chunk_sin)
-    if part.bias is None and part.weights is not None:
+    if not part.bias_ready and part.weights is not None and kernels.backend(q) == "torch":
+        # once per forward, not per layer: `mask_bias` asks the device whether every slot is filled
         part.bias = mask_bias(part.plan.cache_valid, q.shape[2], q.shape[1] // k_res.shape[1])
+        part.bias_ready = True
     attend = (q, k_res, v_res, k_new, value)
     if not part.cache.steady_shapes and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # oneDNN, which runs bfloat16 matmuls on CPU, keeps ~1 MB of state for every matrix shape it
