@@ -15,7 +15,9 @@ raw summaries, so the metrics below are recomputed from them at every run:
   section summaries read one after another in the book's order (what a final summary that only
   kept their order would score): a name the book has from its first page and a section summary
   names late (a podcast's host, "Israel") lowers both;
-- thirds: whether the final summary names one of the top 5 names of each third of the document.
+- thirds: whether the final summary names one of the top 5 names of each third of the document;
+- copied: share of a summary's words inside runs of `COPIED_WORDS`+ words copied from the document
+  (a summary that copies its transcript line by line is not a summary, whatever its grounding).
 
 Documents: KJV books other than Genesis (Genesis is the issue's own example) and a podcast
 transcript written for this set (assets/eval/summary_podcast.srt). Resumable like every evaluation.
@@ -184,6 +186,25 @@ def thirds(summary: str, document_text: str) -> list[bool | None]:
     return [any(_mentions(summary, w) for w in names) if names else None for names in third_names(document_text)]
 
 
+COPIED_WORDS = 8
+
+
+@lru_cache(maxsize=2)
+def _document_runs(document_text: str) -> frozenset:
+    words = re.findall(r"[a-z0-9']+", document_text.lower())
+    return frozenset(hash(tuple(words[i: i + COPIED_WORDS])) for i in range(len(words) - COPIED_WORDS + 1))
+
+
+def copied(summary: str, document_text: str) -> tuple[int, int]:
+    """(words inside runs of COPIED_WORDS+ words that the document has word for word, words)."""
+    words = re.findall(r"[a-z0-9']+", summary.lower())
+    runs, inside = _document_runs(document_text), [False] * len(words)
+    for i in range(len(words) - COPIED_WORDS + 1):
+        if hash(tuple(words[i: i + COPIED_WORDS])) in runs:
+            inside[i: i + COPIED_WORDS] = [True] * COPIED_WORDS
+    return sum(inside), len(words)
+
+
 def score_row(row: dict, document_text: str, title: str = "") -> dict:
     """All metrics of one summarized document, from its stored texts."""
     book_names = proper_names(document_text)
@@ -195,13 +216,14 @@ def score_row(row: dict, document_text: str, title: str = "") -> dict:
            "thirds": thirds(final, document_text), "final_repetition": repetition(final),
            "section_order": order_correlation(" ".join(s["summary"] for s in row.get("sections", [])),
                                               document_text, list(book_names)),
-           "final_cut": bool(row.get("cut")), "sections": []}
+           "final_cut": bool(row.get("cut")), "final_copied": copied(final, document_text), "sections": []}
     for s in row.get("sections", []):
         source = document_text[s["start_char"]:s["end_char"]]
         top = [w for w, _ in proper_names(source, document_text).most_common(TOP_SECTION)]
         out["sections"].append({"label": s["label"], "grounded_section": grounding(s["summary"], source, title),
                                 "grounded_document": grounding(s["summary"], document_text, title),
                                 "coverage": coverage(s["summary"], top), "repetition": repetition(s["summary"]),
+                                "copied": copied(s["summary"], document_text),
                                 "cut": bool(s.get("cut"))})
     return out
 
@@ -227,6 +249,7 @@ def load_doc(name: str):
 
 def add_parser(sub) -> None:
     from .cache import CacheConfig  # the CLI has it loaded already (its own defaults come from it)
+    from .session import AnswerSettings
 
     product = CacheConfig()
     p = sub.add_parser("summary", help="summary grounding, coverage, repetition and order on books")
@@ -243,6 +266,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", choices=["chat", "plain"], default=None, help="prompt format (default: the model's)")
     p.add_argument("--variant", default="current",
                    help="name of the code version measured (rows of each variant are kept apart)")
+    p.add_argument("--copy-tokens", type=int, default=AnswerSettings.summary_copy_tokens,
+                   help="a summary may not copy this many tokens in a row from its passages (0: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/eval", help="folder for summary.jsonl/.json/.md")
 
@@ -268,7 +293,8 @@ def run_summary(args) -> dict:
             if results.has(case):
                 continue
             session = ReadingSession(loaded, CacheConfig(window=args.window, sinks=args.sinks, cascades="auto"),
-                                     stride=args.stride, prompt=prompt)
+                                     stride=args.stride, prompt=prompt,
+                                     answering=AnswerSettings(summary_copy_tokens=args.copy_tokens))
             t0 = time.perf_counter()
             row: dict = {"sections": []}
             if mode == "sections":
@@ -293,6 +319,10 @@ def run_summary(args) -> dict:
 def _ratio(pairs) -> tuple[int, int]:
     pairs = list(pairs)
     return sum(a for a, _ in pairs), sum(b for _, b in pairs)
+
+
+def _share(k: int, n: int) -> str:
+    return f"{k / n:.2f}" if n else "-"
 
 
 def _cell(k: int, n: int) -> str:
@@ -334,6 +364,8 @@ def report(rows: list[dict], out: Path, model_id: str) -> dict:
              "ngram4_repeat_rate": float(np.mean([s["repetition"]["ngram4_repeat_rate"] for s in secs] +
                                                  [m["final_repetition"]["ngram4_repeat_rate"] for m in finals])),
              "cut": sum(s["cut"] for s in secs) + sum(m["final_cut"] for m in finals),
+             "copied": _ratio([s["copied"] for s in secs] + [m["final_copied"] for m in finals]),
+             "final_copied": _ratio(m["final_copied"] for m in finals),
              "order": float(np.mean(orders)) if orders else None, "order_n": len(orders),
              "section_order": float(np.mean(section_orders)) if section_orders else None,
              "section_order_n": len(section_orders),
@@ -347,11 +379,13 @@ def report(rows: list[dict], out: Path, model_id: str) -> dict:
     lines = ["Summaries: grounding and coverage as share (95% Wilson interval, n = entities or names); "
              "order = mean Spearman over final summaries with >= 3 names (n); section order = the same for the "
              "section summaries read in the book's order (reference); thirds = final summaries naming a "
-             "top-5 name of the first / middle / last third; seconds = whole job (read + summaries)", "",
+             "top-5 name of the first / middle / last third; copied = share of words in runs of "
+             f"{COPIED_WORDS}+ words copied from the document (every summary; final only); "
+             "seconds = whole job (read + summaries)", "",
              "| variant | model | mode | doc | sections | grounded in section | grounded in document | section top-3 "
              "coverage | final: grounded | final: top-10 coverage | order (n) | section order (n) | thirds | "
-             "loops / summaries | 4-gram repeat | cut | tokens | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "loops / summaries | 4-gram repeat | cut | copied (all; final) | tokens | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in table:
         order, section_order = (f"{e[k]:.2f} ({e[k + '_n']})" if e[k] is not None else "-"
                                 for k in ("order", "section_order"))
@@ -359,7 +393,8 @@ def report(rows: list[dict], out: Path, model_id: str) -> dict:
                      f"{_cell(*e['grounded_section'])} | {_cell(*e['grounded_document'])} | "
                      f"{_cell(*e['section_coverage'])} | {_cell(*e['final_grounded'])} | {_cell(*e['final_coverage'])} "
                      f"| {order} | {section_order} | {' '.join(f'{k}/{n}' for k, n in e['thirds'])} | {e['loops']} / "
-                     f"{e['summaries']} | {e['ngram4_repeat_rate']:.3f} | {e['cut']} | {e['doc_tokens']} | "
+                     f"{e['summaries']} | {e['ngram4_repeat_rate']:.3f} | {e['cut']} | "
+                     f"{_share(*e['copied'])}; {_share(*e['final_copied'])} | {e['doc_tokens']} | "
                      f"{e['seconds']:.0f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary

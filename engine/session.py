@@ -22,6 +22,7 @@ import torch
 
 from . import documents, recall, snapshots
 from .cache import CacheConfig, HybridCache, KVCache
+from .copying import COPY_TOKENS, CopyGuard
 from .architectures import check_positions
 from .devices import peak_memory_mb
 from .errors import UserError
@@ -96,6 +97,9 @@ class AnswerSettings:
     # passages in view 19 / 71 right vs 14 / 71 (6 won, 1 lost); through the engine on 17 Exodus
     # questions 8 vs 8 (9 answers worded differently, fewer invented chapter numbers and places).
     names: str = "source"
+    # A summary may not copy this many tokens in a row from the passages it summarizes (engine.copying;
+    # 0: no limit). Answers may quote.
+    summary_copy_tokens: int = COPY_TOKENS
 
     def __post_init__(self):
         for name in ("recall_tokens", "recall_narrow", "recall_best", "conversation_tokens", "question_tokens"):
@@ -104,6 +108,8 @@ class AnswerSettings:
                                 f"not {getattr(self, name)}")
         if self.repetition_penalty < 1.0:
             raise UserError(f"repetition penalty must be >= 1, not {self.repetition_penalty}")
+        if self.summary_copy_tokens < 0 or self.summary_copy_tokens == 1:
+            raise UserError(f"summary copy limit must be 0 (none) or >= 2 tokens, not {self.summary_copy_tokens}")
         if self.no_repeat_ngram < 0:
             raise UserError(f"no-repeat n-gram size must be >= 0, not {self.no_repeat_ngram}")
         if self.names not in ("source", "free"):
@@ -273,7 +279,8 @@ class ReadingSession:
             continue_conversation: bool = False, should_stop: Callable[[], bool] | None = None,
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
             passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None,
-            names: SourceNames | None = None, written: list[int] | None = None) -> Iterator[str]:
+            names: SourceNames | None = None, written: list[int] | None = None,
+            no_copy: str | None = None) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
         `passages`: re-read these instead of the ones recall would choose for the question (summaries);
@@ -281,6 +288,7 @@ class ReadingSession:
         `names`: the names and numbers the answer may write (a summary part: its part of the document's);
         default: the recalled passages' and the question's (`_answer_names`);
         `written`: token ids already written (a summary's earlier parts): no n-gram of theirs is repeated.
+        `no_copy`: text the answer may not copy `summary_copy_tokens` tokens of in a row (a summary's source).
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -319,7 +327,8 @@ class ReadingSession:
         cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
                                   n_citations, tail_doc=tail_doc, start=start,
-                                  names=names if names is not None else self._answer_names(question, recalled), written=written)
+                                  names=names if names is not None else self._answer_names(question, recalled), written=written,
+                                  no_copy=self._ids(no_copy) if no_copy and settings.summary_copy_tokens else None)
         if continue_conversation:
             self.turns = turns + [(question, answer.text)]
 
@@ -440,8 +449,10 @@ class ReadingSession:
 
     def _generate(self, cache, prompt_ids, answer: Answer, max_new_tokens, temperature, top_p, should_stop,
                   seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None,
-                  names: SourceNames | None = None, written: list[int] | None = None) -> Iterator[str]:
-        """names: the only names and numbers the answer may write (`engine.grounding`)."""
+                  names: SourceNames | None = None, written: list[int] | None = None,
+                  no_copy: list[int] | None = None) -> Iterator[str]:
+        """names: the only names and numbers the answer may write (`engine.grounding`); no_copy: source
+        token ids whose long runs it may not copy (`engine.copying`)."""
         tok = self.loaded.tokenizer
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                              tok.convert_tokens_to_ids("<end_of_turn>"))
@@ -451,7 +462,7 @@ class ReadingSession:
         start = start or time.perf_counter()
         ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
-                                          should_stop, seed, logits_processor=self._processor(names, written),
+                                          should_stop, seed, logits_processor=self._processor(names, written, no_copy),
                                           after_prompt=memory.reset_scores if memory else None):
             if not ids:
                 answer.first_token_seconds = time.perf_counter() - start
@@ -477,7 +488,8 @@ class ReadingSession:
         if memory is not None and memory.scored and n_citations > 0:
             answer.citations = self._citations(memory, n_citations, tail_doc)
 
-    def _processor(self, names: SourceNames | None = None, written: list[int] | None = None):
+    def _processor(self, names: SourceNames | None = None, written: list[int] | None = None,
+                   no_copy: list[int] | None = None):
         """Repetition control over the answer so far (transformers' logits processors), and with
         `names` only the names and numbers of its source (`engine.grounding`). `written` ids precede
         the answer for the no-repeat n-grams only: a summary's parts do not repeat each other's phrases
@@ -492,7 +504,8 @@ class ReadingSession:
             procs.append(RepetitionPenaltyLogitsProcessor(a.repetition_penalty))
         ngrams = NoRepeatNGramLogitsProcessor(a.no_repeat_ngram) if a.no_repeat_ngram > 0 else None
         before = list(written or [])
-        if not procs and ngrams is None and names is None:
+        guard = CopyGuard(no_copy, a.summary_copy_tokens) if no_copy and a.summary_copy_tokens else None
+        if not procs and ngrams is None and names is None and guard is None:
             return None
 
         lower = lower_case_ids(self.loaded.tokenizer) if ngrams is not None else None
@@ -509,6 +522,8 @@ class ReadingSession:
                 n = min(len(mask), len(lower))
                 mask[:n] = banned[lower[:n]]
                 logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
+            if guard is not None and (copied := guard.banned(ids)):
+                logits = logits.index_fill(0, torch.tensor(sorted(copied)), float("-inf"))
             return names(ids, logits) if names is not None else logits
         return process
 
@@ -578,7 +593,8 @@ class ReadingSession:
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost) if passages else None
             yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                                 should_stop=should_stop, recall_on=recalled is not None, passages=recalled,
-                                keep_memory=True, names=self._summary_names())
+                                keep_memory=True, names=self._summary_names(),
+                                no_copy="\n".join(r.text for r in recalled or []) or None)
             return
         whole, start, end = Answer(SUMMARY_QUESTION), time.perf_counter(), passages[-1].token_end
         texts, written = [], []  # the parts' text and token ids so far
@@ -598,7 +614,8 @@ class ReadingSession:
             for delta in self.ask(question,
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
                                   should_stop=should_stop, recall_on=bool(recalled), passages=recalled or None,
-                                  keep_memory=not recalled, names=grounded, written=written):
+                                  keep_memory=not recalled, names=grounded, written=written,
+                                  no_copy="\n".join(r.text for r in recalled) or None):
                 delta = (gap + delta.lstrip()) if gap and delta else delta
                 gap = "" if delta else gap
                 if delta and whole.first_token_seconds is None:

@@ -85,12 +85,17 @@ def test_cli_ask_json_contract(tmp_path):
     (None, ["bench", "--window", "100", "--cascades", "3", "--out", "{tmp}/b"], "divisible"),
     (None, ["bench", "--lengths", "0", "--out", "{tmp}/b"], "--lengths"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, setup, args, needle):
+def test_cli_bad_input_is_one_line(tmp_path, capsys, setup, args, needle):
+    """In this process (`python -m engine` itself runs in test_cli_ask_json_contract): a new interpreter
+    per case cost ~7 s of imports each, a minute of the test run."""
+    from engine.cli import main
+
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "doc.txt").write_text("Some text here.")
     (tmp_path / "data.bin").write_bytes(bytes(range(256)))
-    proc = run_cli(*[a.format(tmp=tmp_path) for a in args])
-    assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert needle in lines[0]

@@ -377,9 +377,16 @@ def test_cli_json_lists_recalled_passages_and_citations(tmp_path):
     p = res["recall"]["passages"][0]
     assert {"label", "token_start", "token_end", "bm25_rank", "attention_rank", "text"} <= set(p)
     assert res["citations"] and res["answer"].strip()  # bf16 here: the wording may differ from fp32
-    bad = subprocess.run([sys.executable, "-m", "engine", "ask", str(doc), "-q", "  ", "--quiet"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "question is empty" in bad.stderr
+
+
+def test_cli_refuses_an_empty_question_in_one_line_before_reading(tmp_path, capsys):
+    from engine.cli import main
+
+    doc = tmp_path / "book.txt"
+    doc.write_text(planted_book()[0])
+    assert main(["ask", str(doc), "-q", "  ", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "question is empty" in err
 
 
 def test_book_eval_runs_recall_on_and_off_and_resumes(use_tiny, tmp_path):

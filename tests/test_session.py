@@ -241,6 +241,39 @@ def test_a_summary_part_cannot_repeat_a_phrase_of_the_parts_before_it(read_sessi
     assert after[before[0]] == fresh[before[0]]  # and no penalty on the rest
 
 
+def test_a_summary_cannot_copy_a_long_run_of_its_source(read_session):
+    """The copy guard (`summary_copy_tokens`): after 11 tokens copied from the source the 12th that
+    would continue the copy is ruled out; answers (no `no_copy`) may quote."""
+    tok = read_session.loaded.tokenizer
+    source = tok("[00:01:51] Maya: Welcome back to Harbor Notes, and with me as always is Tomas.",
+                 add_special_tokens=False).input_ids
+    n = read_session.answering.summary_copy_tokens
+    assert n == 12 and len(source) > n
+    logits = torch.zeros(len(tok))
+    copying = read_session._processor(no_copy=source)(source[: n - 1], logits.clone())
+    quoting = read_session._processor()(source[: n - 1], logits.clone())
+    assert copying[source[n - 1]] == float("-inf") and quoting[source[n - 1]] == 0
+    assert int(copying.isinf().sum()) == int(quoting.isinf().sum()) + 1  # that one token, nothing else
+
+
+def test_cache_summary_parts_may_not_copy_their_passages(read_session, monkeypatch):
+    given, ask = [], read_session.ask
+
+    def recording_ask(*args, **kwargs):  # the real ask; records the text each part may not copy
+        given.append((kwargs["no_copy"], kwargs["passages"]))
+        return ask(*args, **kwargs)
+
+    monkeypatch.setattr(read_session, "ask", recording_ask)
+    list(read_session.summarize(max_new_tokens=48))
+    assert len(given) == 3
+    for no_copy, passages in given:
+        assert no_copy == "\n".join(r.text for r in passages) and no_copy.strip()
+    summary = read_session.answers[-1].text.split()
+    for no_copy, _ in given:
+        source = " ".join(no_copy.split())
+        assert not any(" ".join(summary[i: i + 12]) in source for i in range(len(summary) - 11))
+
+
 def test_no_phrase_comes_back_in_other_capitals(read_session):
     """A section summary looped on "the LORD is the one", "THE LORD IS THE ONE", "the Lord is the One"."""
     tok = read_session.loaded.tokenizer

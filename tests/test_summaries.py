@@ -123,6 +123,16 @@ def test_score_row_attributes_section_summaries_to_their_sections():
     assert score_row(row, RUTH)["section_order"] < 0  # Obed is the book's last name
 
 
+def test_copied_counts_the_words_inside_long_runs_of_the_document():
+    from engine.eval_summary import COPIED_WORDS, copied
+
+    line = "And she said unto her, All that thou sayest unto me I will do."  # Ruth 3:5, 14 words
+    assert line in RUTH and COPIED_WORDS == 8
+    assert copied(f"Ruth answered {line.lower()} Then Boaz slept.", RUTH) == (14, 19)  # any case, any commas
+    assert copied("Ruth went to Boaz and asked him for his help at night.", RUTH) == (0, 12)
+    assert copied("", RUTH) == (0, 0)
+
+
 def test_a_cut_summary_loses_its_unfinished_sentence():
     assert whole_sentences('Naomi went home. Ruth said "no." Boaz then') == 'Naomi went home. Ruth said "no."'
     assert whole_sentences("no sentence ends here") == "no sentence ends here"
