@@ -276,7 +276,7 @@ def run_summary(args) -> dict:
     from . import models
     from .cache import CacheConfig
     from .evaluate import Results, _say, _settings
-    from .session import ReadingSession
+    from .session import AnswerSettings, ReadingSession
     from .summaries import summarize_sections
 
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))

@@ -169,3 +169,25 @@ def test_part_names_prefer_the_people_a_part_brings_in_over_the_hero_named_all_t
     assert part_names(middle, middle, doc, 1) == ["Boaz"]  # the middle's own: 3 of Boaz's 3 uses against 4 of Ruth's 10
     assert part_names(middle, middle, doc, 2) == ["Ruth", "Boaz"]  # in the order the passages first use them
     assert part_names(middle, middle, doc, 0) == []
+
+
+def test_summary_eval_writes_rows_and_a_report_and_resumes(use_tiny, tmp_path):
+    """`engine eval summary` end to end on the tiny random model with the real tokenizer: a row, the
+    report with its copied column, and a rerun that adds nothing (sections mode: test_session.py)."""
+    import argparse
+    import json
+
+    from engine import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["summary", "--docs", "Jonah", "--modes", "cache", "--window", "64", "--sinks", "16", "--stride", "256",
+                              "--new-tokens", "12", "--copy-tokens", "6", "--variant", "t", "--out", str(tmp_path)])
+    evaluate.main(args)
+    rows = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert [r["case"]["mode"] for r in rows] == ["cache"]
+    assert all(r["summary"].strip() for r in rows) and rows[0]["case"]["variant"] == "t"
+    report = (tmp_path / "summary.md").read_text()
+    assert "copied (all; final)" in report and "| t | " in report
+    evaluate.main(args)
+    assert len((tmp_path / "summary.jsonl").read_text().splitlines()) == len(rows)
