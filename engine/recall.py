@@ -457,3 +457,22 @@ def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int)
     c0, c1 = p.char_start + a, p.char_start + b
     t0, t1 = int(np.searchsorted(offsets, c0)), int(np.searchsorted(offsets, c1))
     return Passage(p.id, label, c0, c1, t0, t1)
+
+
+# A transcript's cue opens with its time ("[00:01:43] Maya: ..."; engine.documents._cue)
+CUE_TIME = re.compile(r"(?m)^\[\d{1,2}:\d\d:\d\d(?:[.,]\d+)?\] ")
+
+
+def without_cue_times(text: str) -> tuple[str, np.ndarray]:
+    """`text` without the time at the start of each transcript cue, and for every character left its
+    offset in `text` (so re-read tokens still point at their document tokens). A summary re-reads its
+    passages so: with the times in view, SmolLM2 wrote the podcast's summary as timestamped transcript
+    lines, copied or made up ("[00+18: 27: 37] Tomas: ..."); without them, in sentences (docs/eval.md).
+
+    # (str, [len(result)] int64)
+    """
+    keep = np.ones(len(text), dtype=bool)
+    for m in CUE_TIME.finditer(text):
+        keep[m.start(): m.end()] = False
+    kept = np.flatnonzero(keep)
+    return "".join(text[i] for i in kept), kept

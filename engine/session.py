@@ -280,7 +280,7 @@ class ReadingSession:
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
             passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None,
             names: SourceNames | None = None, written: list[int] | None = None,
-            no_copy: str | None = None) -> Iterator[str]:
+            no_copy: str | None = None, cue_times: bool = True) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
         `passages`: re-read these instead of the ones recall would choose for the question (summaries);
@@ -289,6 +289,8 @@ class ReadingSession:
         default: the recalled passages' and the question's (`_answer_names`);
         `written`: token ids already written (a summary's earlier parts): no n-gram of theirs is repeated.
         `no_copy`: text the answer may not copy `summary_copy_tokens` tokens of in a row (a summary's source).
+        `cue_times`: False re-reads a transcript's passages without the time at the start of each cue
+        (a summary's; the passage's label keeps the time of its first cue).
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -318,7 +320,7 @@ class ReadingSession:
             answer.recalled = [r.to_dict() for r in recalled]
             if not recalled:
                 answer.recall_note = "no passage was recalled: no part of the document matches the question"
-        ids, tail_doc = self._tail(question, turns, recalled)
+        ids, tail_doc = self._tail(question, turns, recalled, cue_times)
         self._check_full_positions(self.doc_cache.n_valid + len(ids) + max_new_tokens,
                                    "the document, question and answer")
         cache_memory = memory_of(cache)
@@ -375,8 +377,9 @@ class ReadingSession:
     def _turn_text(q: str, a: str) -> str:
         return f"Earlier question: {q}\nEarlier answer: {a}\n\n"
 
-    def _tail(self, question: str, turns, recalled) -> tuple[list[int], np.ndarray]:
-        """Token ids read after the document, and the document token each stands for (-1: none)."""
+    def _tail(self, question: str, turns, recalled, cue_times: bool = True) -> tuple[list[int], np.ndarray]:
+        """Token ids read after the document, and the document token each stands for (-1: none).
+        cue_times=False: the recalled passages without a transcript's cue times (`recall.without_cue_times`)."""
         ids: list[int] = []
         doc: list[np.ndarray] = []
 
@@ -391,8 +394,10 @@ class ReadingSession:
             offsets = self.source_map.offsets
             for r in recalled:
                 add(self._ids(f"[{r.passage.label}]\n"))
-                enc = self.loaded.tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
-                chars = r.passage.char_start + np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
+                text, kept = (r.text, None) if cue_times else recall.without_cue_times(r.text)
+                enc = self.loaded.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                chars = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
+                chars = r.passage.char_start + (chars if kept is None else kept[np.minimum(chars, len(kept) - 1)])
                 add(list(enc["input_ids"]), np.searchsorted(offsets, chars, side="right") - 1)
                 add(self._ids("\n\n"))
         add(self._ids(self.format.question.format(q=(self.format.recall_ask if recalled else "") + question)))
@@ -594,7 +599,7 @@ class ReadingSession:
             yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                                 should_stop=should_stop, recall_on=recalled is not None, passages=recalled,
                                 keep_memory=True, names=self._summary_names(),
-                                no_copy="\n".join(r.text for r in recalled or []) or None)
+                                no_copy="\n".join(r.text for r in recalled or []) or None, cue_times=False)
             return
         whole, start, end = Answer(SUMMARY_QUESTION), time.perf_counter(), passages[-1].token_end
         texts, written = [], []  # the parts' text and token ids so far
@@ -615,7 +620,7 @@ class ReadingSession:
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
                                   should_stop=should_stop, recall_on=bool(recalled), passages=recalled or None,
                                   keep_memory=not recalled, names=grounded, written=written,
-                                  no_copy="\n".join(r.text for r in recalled) or None):
+                                  no_copy="\n".join(r.text for r in recalled) or None, cue_times=False):
                 delta = (gap + delta.lstrip()) if gap and delta else delta
                 gap = "" if delta else gap
                 if delta and whole.first_token_seconds is None:

@@ -77,6 +77,34 @@ def test_subtitle_cues_are_grouped_and_keep_the_first_cue_label():
     assert all(p.tokens <= recall.MAX_TOKENS for p in ps)
 
 
+def test_cue_times_come_out_and_every_character_left_keeps_its_offset():
+    text = "[00:01:43] Maya: We're back.\n[00:01:51] Tomas: Yes. On the night [00:02] of the storm.\n[1:02:03.5] Jo: ok"
+    bare, kept = recall.without_cue_times(text)
+    assert bare == "Maya: We're back.\nTomas: Yes. On the night [00:02] of the storm.\nJo: ok"  # line starts only
+    assert len(kept) == len(bare) and all(text[i] == c for i, c in zip(kept, bare))
+    assert recall.without_cue_times("no cues here")[0] == "no cues here"
+
+
+def test_a_summary_rereads_transcript_passages_without_cue_times_and_cites_them_right(tiny):
+    from engine.session import ReadingSession
+
+    cues = [documents.Segment(f"[00:00:{i:02d}] Maya: line {i} about the {'granite' if i == 7 else 'harbor'}",
+                              f"00:00:{i:02d} Maya", {"start": f"00:00:{i:02d}.000"}) for i in range(40)]
+    session = ReadingSession(tiny, CacheConfig(sinks=4, window=64, cascades="auto"), stride=64)
+    session.read(documents.Document(None, "srt", "meeting", cues, "y"))
+    recalled = session.locate("granite", session.doc_cache)
+    assert recalled and "granite" in recalled[0].text
+    timed, timed_doc = session._tail("What about the granite?", [], recalled)
+    bare, bare_doc = session._tail("What about the granite?", [], recalled, cue_times=False)
+    tok = tiny.tokenizer
+    assert "[00:00:07] Maya: line 7" in tok.decode(timed) and "[00:00:07]" not in tok.decode(bare)
+    assert f"[{recalled[0].passage.label}]\nMaya: line" in tok.decode(bare)  # the label keeps its first cue's time
+    for ids, doc_tokens in ((timed, timed_doc), (bare, bare_doc)):
+        i = next(k for k, t in enumerate(ids) if tok.decode([t]).strip() == "granite")
+        chars = session.source_map.offsets[doc_tokens[i]]  # the document token this tail token stands for
+        assert session.source_map.text[chars: chars + 8].strip() == "granite"
+
+
 # ------------------------------------------------------------------ the index
 
 @pytest.fixture()
