@@ -90,6 +90,9 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
                    help="penalty on tokens the answer already used (1 = off)")
     p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
                    help="forbid repeating any n-gram of this size within an answer (0 = off)")
+    p.add_argument("--summary-copy-tokens", type=int, default=d.summary_copy_tokens,
+                   help="a cache summary may not copy this many tokens in a row from the passages it re-reads "
+                        f"(default {d.summary_copy_tokens}; 0 = no limit)")
 
 
 def answer_settings(args):
@@ -98,7 +101,8 @@ def answer_settings(args):
     return AnswerSettings(recall=args.recall == "on", recall_tokens=args.recall_tokens,
                           recall_narrow=args.recall_narrow, recall_best=args.recall_best,
                           repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                          memory_in_answer=args.memory_in_answer, names=args.names)
+                          memory_in_answer=args.memory_in_answer, names=args.names,
+                          summary_copy_tokens=args.summary_copy_tokens)
 
 
 def cache_config(args):

@@ -49,6 +49,7 @@ def cases(doc, tmp):
         ([*ask, "--recall-best", -1], "recall-best must be >= 0"),
         ([*ask, "--recall-narrow", -1], "recall-narrow must be >= 0"),
         ([*ask, "--repetition-penalty", 0.5], "repetition penalty must be >= 1"),
+        ([*ask, "--summary-copy-tokens", 1], "summary copy limit must be 0 (none) or >= 2 tokens"),
         ([*ask, "--model", tmp / "no" / "such"], "no such folder or file"),
         ([*ask, "--load", tmp / "nothing"], "no snapshot there"),
         (["ask", tmp / "missing.txt", "-q", "x"], "missing.txt"),
