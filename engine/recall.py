@@ -474,5 +474,4 @@ def without_cue_times(text: str) -> tuple[str, np.ndarray]:
     keep = np.ones(len(text), dtype=bool)
     for m in CUE_TIME.finditer(text):
         keep[m.start(): m.end()] = False
-    kept = np.flatnonzero(keep)
-    return "".join(text[i] for i in kept), kept
+    return CUE_TIME.sub("", text), np.flatnonzero(keep)

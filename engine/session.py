@@ -280,7 +280,7 @@ class ReadingSession:
             seed: int | None = 0, n_citations: int = 3, recall_on: bool | None = None,
             passages: list[recall.Recalled] | None = None, keep_memory: bool | None = None,
             names: SourceNames | None = None, written: list[int] | None = None,
-            no_copy: str | None = None, cue_times: bool = True) -> Iterator[str]:
+            summary: bool = False) -> Iterator[str]:
         """Yield the answer as text deltas; the finished `Answer` is then `self.answers[-1]`.
 
         `passages`: re-read these instead of the ones recall would choose for the question (summaries);
@@ -288,9 +288,9 @@ class ReadingSession:
         `names`: the names and numbers the answer may write (a summary part: its part of the document's);
         default: the recalled passages' and the question's (`_answer_names`);
         `written`: token ids already written (a summary's earlier parts): no n-gram of theirs is repeated.
-        `no_copy`: text the answer may not copy `summary_copy_tokens` tokens of in a row (a summary's source).
-        `cue_times`: False re-reads a transcript's passages without the time at the start of each cue
-        (a summary's; the passage's label keeps the time of its first cue).
+        `summary`: a summary re-reads its passages without a transcript's cue times (each passage's label
+        keeps its first cue's time), and may not copy `summary_copy_tokens` tokens in a row of their text
+        (as stored, cue times included; guarding the cue-less text as re-read measured worse, docs/eval.md).
 
         The document memory stays frozen: recalled passages, earlier turns (when continuing), the
         question and the answer go into a tail after it (`engine.memory`).
@@ -320,7 +320,7 @@ class ReadingSession:
             answer.recalled = [r.to_dict() for r in recalled]
             if not recalled:
                 answer.recall_note = "no passage was recalled: no part of the document matches the question"
-        ids, tail_doc = self._tail(question, turns, recalled, cue_times)
+        ids, tail_doc = self._tail(question, turns, recalled, cue_times=not summary)
         self._check_full_positions(self.doc_cache.n_valid + len(ids) + max_new_tokens,
                                    "the document, question and answer")
         cache_memory = memory_of(cache)
@@ -330,7 +330,8 @@ class ReadingSession:
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
                                   n_citations, tail_doc=tail_doc, start=start,
                                   names=names if names is not None else self._answer_names(question, recalled), written=written,
-                                  no_copy=self._ids(no_copy) if no_copy and settings.summary_copy_tokens else None)
+                                  no_copy=self._ids("\n".join(r.text for r in recalled))
+                                  if summary and recalled and settings.summary_copy_tokens else None)
         if continue_conversation:
             self.turns = turns + [(question, answer.text)]
 
@@ -598,8 +599,7 @@ class ReadingSession:
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost) if passages else None
             yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                                 should_stop=should_stop, recall_on=recalled is not None, passages=recalled,
-                                keep_memory=True, names=self._summary_names(),
-                                no_copy="\n".join(r.text for r in recalled or []) or None, cue_times=False)
+                                keep_memory=True, names=self._summary_names(), summary=True)
             return
         whole, start, end = Answer(SUMMARY_QUESTION), time.perf_counter(), passages[-1].token_end
         texts, written = [], []  # the parts' text and token ids so far
@@ -619,8 +619,7 @@ class ReadingSession:
             for delta in self.ask(question,
                                   max_new_tokens=max(32, max_new_tokens // len(parts)), temperature=temperature,
                                   should_stop=should_stop, recall_on=bool(recalled), passages=recalled or None,
-                                  keep_memory=not recalled, names=grounded, written=written,
-                                  no_copy="\n".join(r.text for r in recalled) or None, cue_times=False):
+                                  keep_memory=not recalled, names=grounded, written=written, summary=True):
                 delta = (gap + delta.lstrip()) if gap and delta else delta
                 gap = "" if delta else gap
                 if delta and whole.first_token_seconds is None:

@@ -243,7 +243,7 @@ def test_a_summary_part_cannot_repeat_a_phrase_of_the_parts_before_it(read_sessi
 
 def test_a_summary_cannot_copy_a_long_run_of_its_source(read_session):
     """The copy guard (`summary_copy_tokens`): after 11 tokens copied from the source the 12th that
-    would continue the copy is ruled out; answers (no `no_copy`) may quote."""
+    would continue the copy is ruled out; answers (no `no_copy` ids) may quote."""
     tok = read_session.loaded.tokenizer
     source = tok("[00:01:51] Maya: Welcome back to Harbor Notes, and with me as always is Tomas.",
                  add_special_tokens=False).input_ids
@@ -259,18 +259,18 @@ def test_a_summary_cannot_copy_a_long_run_of_its_source(read_session):
 def test_cache_summary_parts_may_not_copy_their_passages(read_session, monkeypatch):
     given, ask = [], read_session.ask
 
-    def recording_ask(*args, **kwargs):  # the real ask; records the text each part may not copy
-        given.append((kwargs["no_copy"], kwargs["passages"]))
+    def recording_ask(*args, **kwargs):  # the real ask; records each part's passages and that it is a summary's
+        given.append((kwargs["summary"], kwargs["passages"]))
         return ask(*args, **kwargs)
 
     monkeypatch.setattr(read_session, "ask", recording_ask)
     list(read_session.summarize(max_new_tokens=48))
     assert len(given) == 3
-    for no_copy, passages in given:
-        assert no_copy == "\n".join(r.text for r in passages) and no_copy.strip()
+    for summary_part, passages in given:
+        assert summary_part and passages and "\n".join(r.text for r in passages).strip()
     summary = read_session.answers[-1].text.split()
-    for no_copy, _ in given:
-        source = " ".join(no_copy.split())
+    for _, passages in given:
+        source = " ".join("\n".join(r.text for r in passages).split())
         assert not any(" ".join(summary[i: i + 12]) in source for i in range(len(summary) - 11))
 
 
