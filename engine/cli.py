@@ -81,13 +81,21 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall-best", type=int, default=d.recall_best,
                    help="cut the best recalled passage to at most this many tokens around its best-matching "
                         "line (0 = whole)")
+    p.add_argument("--recall-share", type=float, default=d.recall_share,
+                   help="recall a passage after the best only when its BM25 score is at least this share of the "
+                        f"best's (0 = fill the budget; default {d.recall_share})")
     p.add_argument("--memory-in-answer", action="store_true",
                    help="keep the cascade memory in view while answering from recalled passages")
     p.add_argument("--names", choices=["source", "free"], default=d.names,
                    help="names and numbers an answer may write: source (only those of its recalled passages, "
                         f"or of the document; default {d.names}) or free")
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help="penalty on tokens the answer already used (1 = off)")
+                   help=f"penalty on tokens an answer already used (1 = off; default {d.repetition_penalty})")
+    p.add_argument("--repetition-penalty-from", type=int, default=d.repetition_penalty_from,
+                   help="an answer's repetition penalty applies once it has this many tokens: its first words may "
+                        f"repeat the question's (default {d.repetition_penalty_from})")
+    p.add_argument("--summary-repetition-penalty", type=float, default=d.summary_repetition_penalty,
+                   help=f"penalty on tokens a summary already used (1 = off; default {d.summary_repetition_penalty})")
     p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
                    help="forbid repeating any n-gram of this size within an answer (0 = off)")
     p.add_argument("--summary-copy-tokens", type=int, default=d.summary_copy_tokens,
@@ -100,7 +108,10 @@ def answer_settings(args):
 
     return AnswerSettings(recall=args.recall == "on", recall_tokens=args.recall_tokens,
                           recall_narrow=args.recall_narrow, recall_best=args.recall_best,
+                          recall_share=args.recall_share,
                           repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                          summary_repetition_penalty=args.summary_repetition_penalty,
+                          repetition_penalty_from=args.repetition_penalty_from,
                           memory_in_answer=args.memory_in_answer, names=args.names,
                           summary_copy_tokens=args.summary_copy_tokens)
 

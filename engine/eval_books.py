@@ -102,8 +102,14 @@ def run_books(args) -> dict:
     # built (and so checked) before the model loads
     if args.recall_best is None:
         args.recall_best = AnswerSettings.recall_best
+    if getattr(args, "repetition_penalty", None) is None:
+        args.repetition_penalty = AnswerSettings.repetition_penalty
+    if getattr(args, "recall_share", None) is None:
+        args.recall_share = AnswerSettings.recall_share
     answering = AnswerSettings(recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
-                               recall_best=args.recall_best, names=args.names)
+                               recall_best=args.recall_best, names=args.names, recall_share=args.recall_share,
+                               repetition_penalty=args.repetition_penalty)
+    penalty_from = answering.repetition_penalty_from if answering.repetition_penalty > 1.0 else 0
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
@@ -113,7 +119,12 @@ def run_books(args) -> dict:
                          cascades=args.cascades, recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
                          attention_weight=rc.FUSION["attention"],
                          **({"recall_best": args.recall_best} if args.recall_best else {}),  # old rows: whole
-                         **({"names": "source"} if args.names == "source" else {}))  # old rows: free names
+                         **({"names": "source"} if args.names == "source" else {}),  # old rows: free names
+                         # old rows: 1.1, the engine's default when they were run
+                         **({"repetition_penalty": args.repetition_penalty} if args.repetition_penalty != 1.1 else {}),
+                         **({"recall_share": args.recall_share} if args.recall_share else {}),  # old rows: 0
+                         # old rows: the penalty from the first token (answers <= 48 tokens never meet a later one)
+                         **({"repetition_penalty_from": penalty_from} if penalty_from else {}))
     if args.bible:
         groups = {"Bible": [dict(q, doc="Bible") for q in data["bible"]]}
     else:
@@ -181,12 +192,20 @@ def run_books(args) -> dict:
                 _say(f"{doc_name} {policy} recall {r} {it['id']}: {a.text[:70]!r} "
                      f"{'ok' if row['correct'] else 'miss'}" + (f" hit {row['hit']}" if r == "on" else ""))
         run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans)
-    rows = [r for r in results.rows if all(r["case"].get(k) == v for k, v in settings.items())]
+    # keys a case has only away from their defaults must match too: a 1.1 table holds no 1.0 rows
+    keys = set(settings) | {"recall_best", "recall_share", "repetition_penalty", "repetition_penalty_from", "names"}
+    rows = [r for r in results.rows
+            if all(r["case"].get(k) == settings.get(k) for k in keys - (RECALL_ONLY if r["case"]["policy"] in REFERENCES else set()))]
     return summarize_books(rows, out, loaded.model_id, settings)
+
+
+REFERENCES = {"none", "oracle"}
+RECALL_ONLY = {"recall_share"}  # settings that change what is recalled, never a reference row: not in its key
 
 
 def run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans) -> None:
     """The 'none' (no document) and 'oracle' (only the answer's passages, full attention) rows."""
+    settings = {k: v for k, v in settings.items() if k not in RECALL_ONLY}
     from . import documents, recall
     from .cache import CacheConfig
     from .session import AnswerSettings, ReadingSession
@@ -196,7 +215,9 @@ def run_references(args, loaded, prompt, settings, results, doc_name, doc, items
     if not todo:
         return
     session = ReadingSession(loaded, CacheConfig(policy="full"), stride=args.stride, prompt=prompt,
-                             answering=AnswerSettings(recall=False, names=getattr(args, "names", "source")))
+                             answering=AnswerSettings(recall=False, names=getattr(args, "names", "source"),
+                                                      repetition_penalty=args.repetition_penalty,
+                                                      repetition_penalty_from=settings.get("repetition_penalty_from", 0)))
     offsets = _doc_offsets(doc, loaded.tokenizer)
     passages = recall.cut_passages(doc, offsets)
     for it, ref in todo:

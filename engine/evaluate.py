@@ -115,6 +115,11 @@ def add_arguments(parser) -> None:
             p.add_argument("--names", choices=["source", "free"], default="source",
                            help="books: names and numbers an answer may write (source: only its passages' or the "
                                 "document's; free: any)")
+            p.add_argument("--recall-share", type=float, default=None,
+                           help="books: passages after the best recalled only at this share of its BM25 score "
+                                "(0 = fill the budget; default: the engine's)")
+            p.add_argument("--repetition-penalty", type=float, default=None,
+                           help="books: penalty on tokens the answer already used (1 = off; default: the engine's)")
             p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
             p.add_argument("--limit", type=int, default=None, help="books: first N questions per book")
             p.add_argument("--references", nargs="+", choices=["none", "oracle"], default=["none", "oracle"],
@@ -182,7 +187,8 @@ class Results:
     def matching(self, settings: dict) -> list[dict]:
         """Rows whose case agrees with every given setting."""
         # an ablation row never counts as a default one
-        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "focus_share", "recall_best"}
+        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "focus_share", "recall_best",
+                                "recall_share", "repetition_penalty", "repetition_penalty_from"}
         return [r for r in self.rows if all(r["case"].get(k) == settings.get(k) for k in keys)]
 
 

@@ -30,7 +30,7 @@ from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
 from .grounding import SourceNames, part_names, with_names
 from .prompts import DOC_OUTRO, SUMMARY_PART_QUESTION, SUMMARY_QUESTION, PromptFormat, prompt_format
-from .recall import NARROW_TOKENS
+from .recall import MIN_SHARE, NARROW_TOKENS
 from .runtime import Engine, ReadProgress
 
 
@@ -84,9 +84,21 @@ class AnswerSettings:
     recall_narrow: int = NARROW_TOKENS
     # The best passage keeps its context, at most this many tokens around its best line (0: whole).
     recall_best: int = 0
+    # Passages after the best are recalled only when their BM25 score is at least this share of the
+    # best's (0: fill the budget). recall.MIN_SHARE says why.
+    recall_share: float = MIN_SHARE
     conversation_tokens: int = 768  # tail budget for earlier turns of a running conversation
     question_tokens: int = 512  # longest question accepted
-    repetition_penalty: float = 1.1  # transformers' RepetitionPenaltyLogitsProcessor over the answer so far
+    # transformers' RepetitionPenaltyLogitsProcessor over the answer so far (1: off), once the answer has
+    # `repetition_penalty_from` tokens. The first words of an answer must be free to write again what
+    # they just wrote ("The two sons of Eli who were priests ... were"): a penalty of 1.1 from the first
+    # token scales a used token's logit by 1/1.1, and the oracle answered 25/69 book questions against
+    # 29/69 without it (7 won, 3 lost; docs/eval.md). A long answer needs it: without any, SmolLM2's
+    # 256-token answers collapsed into "chapter chapter chapter ..." (the no-repeat n-grams alone let
+    # such near-repeats through).
+    repetition_penalty: float = 1.1
+    repetition_penalty_from: int = 48
+    summary_repetition_penalty: float = 1.1  # the same over a summary (section, final or cache summary)
     no_repeat_ngram: int = 4  # and NoRepeatNGramLogitsProcessor: no 4-gram twice in one answer
     # Whether the cascade memory stays in view when passages were recalled. Off by default: measured on
     # the book set, SmolLM2 answered 1/12 with the memory in view and 6/12 (the oracle's score) without.
@@ -102,12 +114,16 @@ class AnswerSettings:
     summary_copy_tokens: int = COPY_TOKENS
 
     def __post_init__(self):
-        for name in ("recall_tokens", "recall_narrow", "recall_best", "conversation_tokens", "question_tokens"):
+        for name in ("recall_tokens", "recall_narrow", "recall_best", "conversation_tokens", "question_tokens",
+                     "repetition_penalty_from"):
             if getattr(self, name) < 0 or (name == "question_tokens" and self.question_tokens < 1):
                 raise UserError(f"{name.replace('_', '-')} must be >= {1 if name == 'question_tokens' else 0}, "
                                 f"not {getattr(self, name)}")
-        if self.repetition_penalty < 1.0:
-            raise UserError(f"repetition penalty must be >= 1, not {self.repetition_penalty}")
+        if not 0.0 <= self.recall_share <= 1.0:
+            raise UserError(f"recall-share must be between 0 and 1, not {self.recall_share}")
+        for name in ("repetition_penalty", "summary_repetition_penalty"):
+            if getattr(self, name) < 1.0:
+                raise UserError(f"{name.replace('_', ' ')} must be >= 1, not {getattr(self, name)}")
         if self.summary_copy_tokens < 0 or self.summary_copy_tokens == 1:
             raise UserError(f"summary copy limit must be 0 (none) or >= 2 tokens, not {self.summary_copy_tokens}")
         if self.no_repeat_ngram < 0:
@@ -331,7 +347,7 @@ class ReadingSession:
                                   n_citations, tail_doc=tail_doc, start=start,
                                   names=names if names is not None else self._answer_names(question, recalled), written=written,
                                   no_copy=self._ids("\n".join(r.text for r in recalled))
-                                  if summary and recalled and settings.summary_copy_tokens else None)
+                                  if summary and recalled and settings.summary_copy_tokens else None, summary=summary)
         if continue_conversation:
             self.turns = turns + [(question, answer.text)]
 
@@ -447,7 +463,7 @@ class ReadingSession:
         return recall.rank(self.index, question, attention, self.answering.recall_tokens,
                            tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"),
                            offsets=self.source_map.offsets, narrow_tokens=self.answering.recall_narrow,
-                           best_tokens=self.answering.recall_best)
+                           best_tokens=self.answering.recall_best, min_share=self.answering.recall_share)
 
     @staticmethod
     def recall_cost(p: recall.Passage) -> int:
@@ -456,9 +472,10 @@ class ReadingSession:
     def _generate(self, cache, prompt_ids, answer: Answer, max_new_tokens, temperature, top_p, should_stop,
                   seed, n_citations, tail_doc: np.ndarray | None = None, start: float | None = None,
                   names: SourceNames | None = None, written: list[int] | None = None,
-                  no_copy: list[int] | None = None) -> Iterator[str]:
+                  no_copy: list[int] | None = None, summary: bool = False) -> Iterator[str]:
         """names: the only names and numbers the answer may write (`engine.grounding`); no_copy: source
-        token ids whose long runs it may not copy (`engine.copying`)."""
+        token ids whose long runs it may not copy (`engine.copying`); summary: a summary's repetition
+        penalty instead of an answer's."""
         tok = self.loaded.tokenizer
         stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                              tok.convert_tokens_to_ids("<end_of_turn>"))
@@ -468,7 +485,7 @@ class ReadingSession:
         start = start or time.perf_counter()
         ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
-                                          should_stop, seed, logits_processor=self._processor(names, written, no_copy),
+                                          should_stop, seed, logits_processor=self._processor(names, written, no_copy, summary),
                                           after_prompt=memory.reset_scores if memory else None):
             if not ids:
                 answer.first_token_seconds = time.perf_counter() - start
@@ -495,7 +512,7 @@ class ReadingSession:
             answer.citations = self._citations(memory, n_citations, tail_doc)
 
     def _processor(self, names: SourceNames | None = None, written: list[int] | None = None,
-                   no_copy: list[int] | None = None):
+                   no_copy: list[int] | None = None, summary: bool = False):
         """Repetition control over the answer so far (transformers' logits processors), and with
         `names` only the names and numbers of its source (`engine.grounding`). `written` ids precede
         the answer for the no-repeat n-grams only: a summary's parts do not repeat each other's phrases
@@ -506,8 +523,9 @@ class ReadingSession:
 
         a = self.answering
         procs = LogitsProcessorList()
-        if a.repetition_penalty > 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(a.repetition_penalty))
+        penalty = a.summary_repetition_penalty if summary else a.repetition_penalty
+        if penalty > 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(penalty))
         ngrams = NoRepeatNGramLogitsProcessor(a.no_repeat_ngram) if a.no_repeat_ngram > 0 else None
         before = list(written or [])
         guard = CopyGuard(no_copy, a.summary_copy_tokens) if no_copy and a.summary_copy_tokens else None
@@ -516,8 +534,10 @@ class ReadingSession:
 
         lower = lower_case_ids(self.loaded.tokenizer) if ngrams is not None else None
 
+        free = 0 if summary else a.repetition_penalty_from  # a summary's penalty holds from its first token
+
         def process(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-            if ids and procs:
+            if ids and len(ids) >= free and procs:
                 logits = procs(torch.tensor([ids], dtype=torch.long), logits[None])[0]
             if ngrams is not None and (ids or before):
                 # n-grams compared without case: "the LORD is the one" came back as "THE LORD IS THE ONE"

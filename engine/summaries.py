@@ -183,7 +183,8 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
             memory_of(memory).hide_document(session.config.sinks, recent=max(section_tokens, 1))
         prompt = session.format.request_text(question, lead)
         for delta in session._generate(memory, session._ids(prompt), answer, max_new_tokens, 0.0, 1.0,
-                                       should_stop, 0, 0, names=session.source_names(f"{document.title}\n{label}\n{document.text[a:b]}")):
+                                       should_stop, 0, 0, names=session.source_names(f"{document.title}\n{label}\n{document.text[a:b]}"),
+                                       summary=True):
             yield {"type": "section_delta", "index": k, "label": label, "text": delta}
         if answer.stopped:
             return
@@ -260,7 +261,7 @@ def final_summary(session: ReadingSession, document: documents.Document, section
         part = Answer(question)
         with torch.inference_mode():
             for _ in session._generate(session.engine.new_cache(), ids, part, max(32, final_tokens // len(runs)),
-                                       0.0, 1.0, should_stop, 0, 0, names=names):
+                                       0.0, 1.0, should_stop, 0, 0, names=names, summary=True):
                 pass
         # a small model may echo the closing tag of the document it was given
         text = (whole_sentences(part.text) if part.cut else part.text).replace(DOC_OUTRO.strip(), "").strip()

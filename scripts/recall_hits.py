@@ -1,6 +1,6 @@
 """Recall hit rate of the book and Bible question sets without the model (about 10 s for the Bible).
 
-    python scripts/recall_hits.py [--narrow N] [--budget TOKENS]
+    python scripts/recall_hits.py [--narrow N] [--budget TOKENS] [--share S]
 
 Runs `engine.recall.rank` exactly as a question would (BM25 order; the attention signal needs the
 model and only breaks ties far below the budget, see recall.FUSION) over the same passages and index
@@ -23,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--narrow", type=int, default=recall.NARROW_TOKENS, help="--recall-narrow (0 = whole passages)")
     ap.add_argument("--budget", type=int, default=384, help="--recall-tokens")
+    ap.add_argument("--share", type=float, default=recall.MIN_SHARE, help="--recall-share")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -42,13 +43,13 @@ def main() -> None:
                 if name == "books" and it["book"] != book:
                     continue
                 picked = recall.rank(index, it["question"], None, args.budget, tokens_of=ReadingSession.recall_cost,
-                                     offsets=source.offsets, narrow_tokens=args.narrow)
+                                     offsets=source.offsets, narrow_tokens=args.narrow, min_share=args.share)
                 hit = eval_books.hits(eval_books.char_ranges(r.passage for r in picked), eval_books.gold_spans(it, verses))
-                rows.append((it["id"], hit))
-        held = [h for i, h in rows if i.startswith("bib-") and int(i[4:]) > 10]
-        tuned = [h for i, h in rows if not (i.startswith("bib-") and int(i[4:]) > 10)]
+                rows.append((it["id"], hit, len(picked)))
+        held = [h for i, h, _ in rows if i.startswith("bib-") and int(i[4:]) > 10]
+        tuned = [h for i, h, _ in rows if not (i.startswith("bib-") and int(i[4:]) > 10)]
         print(f"{name}: hit {sum(tuned)}/{len(tuned)}" + (f", held-out {sum(held)}/{len(held)}" if held else "")
-              + f"; missed {[i for i, h in rows if not h]}")
+              + f"; {sum(n for *_, n in rows) / len(rows):.1f} passages a question; missed {[i for i, h, _ in rows if not h]}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,23 @@ def test_recall_narrows_passages_to_the_lines_that_match(index):
     assert sum(r.passage.tokens + 8 for r in narrowed) <= 400
 
 
+def test_recall_share_leaves_out_passages_that_match_far_worse_than_the_best(index):
+    doc, idx = index
+    offsets = char_offsets(doc.text)
+    question = "With what did Zipporah cut off the foreskin of her son?"  # one passage matches far better
+    scores = dict(idx.bm25(question))
+    best_id = idx.bm25(question, 1)[0][0]
+    filled = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60)
+    shared = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60, min_share=0.7)
+    assert len(shared) < len(filled)  # the budget had room for passages that matched far worse
+    assert best_id in {r.passage.id for r in shared}
+    for r in shared:
+        assert abs(scores[r.passage.id]) >= 0.7 * abs(scores[best_id])
+    assert any(abs(scores[r.passage.id]) < 0.7 * abs(scores[best_id]) for r in filled)
+    only = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60, min_share=1.0)
+    assert [r.passage.id for r in only] == [best_id]
+
+
 def test_a_budget_smaller_than_the_best_passage_still_recalls_its_best_lines(index):
     doc, idx = index
     offsets = char_offsets(doc.text)
@@ -428,9 +445,9 @@ def test_book_eval_runs_recall_on_and_off_and_resumes(use_tiny, tmp_path):
 
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
-    args = parser.parse_args(["qa", "--set", "books", "--books", "1 Samuel", "--limit", "2", "--window", "64",
-                              "--sinks", "16", "--stride", "256", "--dtype", "float32", "--new-tokens", "4",
-                              "--references", "none", "--out", str(tmp_path)])
+    argv = ["qa", "--set", "books", "--books", "1 Samuel", "--limit", "2", "--window", "64", "--sinks", "16",
+            "--stride", "256", "--dtype", "float32", "--new-tokens", "4", "--references", "none", "--out", str(tmp_path)]
+    args = parser.parse_args(argv)
     evaluate.main(args)
     rows = [json.loads(line) for line in (tmp_path / "books.jsonl").read_text().splitlines()]
     mine = [r for r in rows if r["case"]["policy"] == "cascade"]
@@ -441,6 +458,13 @@ def test_book_eval_runs_recall_on_and_off_and_resumes(use_tiny, tmp_path):
     assert "| 1 Samuel | cascade | on |" in (tmp_path / "books.md").read_text()
     evaluate.main(args)
     assert len((tmp_path / "books.jsonl").read_text().splitlines()) == len(rows)
+    # another repetition penalty is another case, for the references too (rows without the key: 1.1)
+    evaluate.main(parser.parse_args([*argv, "--recall", "on", "--repetition-penalty", "1.2"]))
+    more = [json.loads(line) for line in (tmp_path / "books.jsonl").read_text().splitlines()][len(rows):]
+    assert {r["case"]["repetition_penalty"] for r in more} == {1.2}
+    assert sorted((r["case"]["policy"], r["case"]["recall"]) for r in more if r["case"]["policy"] in ("cascade", "none")) \
+        == [("cascade", "on")] * 2 + [("none", "off")] * 2
+    assert all(r["case"].get("repetition_penalty") != 1.2 for r in rows)
 
 
 def test_recalled_passages_are_framed_for_chat_and_left_bare_for_a_base_model(tiny):

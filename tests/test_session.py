@@ -241,6 +241,22 @@ def test_a_summary_part_cannot_repeat_a_phrase_of_the_parts_before_it(read_sessi
     assert after[before[0]] == fresh[before[0]]  # and no penalty on the rest
 
 
+def test_an_answer_meets_the_repetition_penalty_only_after_its_first_words(read_session):
+    """An answer's penalty applies once it has `repetition_penalty_from` tokens (its first words may
+    repeat the question's); a summary's applies from its first token."""
+    tok = read_session.loaded.tokenizer
+    a = read_session.answering
+    assert a.repetition_penalty > 1.0 and a.repetition_penalty_from > 1
+    son = tok(" son", add_special_tokens=False).input_ids[0]
+    logits = torch.full((len(tok),), 2.0)
+    early = [son] + list(range(1000, 1000 + a.repetition_penalty_from - 2))  # one token short, no n-gram twice
+    late = early + [5000]
+    assert read_session._processor()(early, logits.clone())[son] == 2.0  # free
+    assert read_session._processor()(late, logits.clone())[son] == pytest.approx(2.0 / a.repetition_penalty)
+    assert read_session._processor(summary=True)([son, 1000], logits.clone())[son] == \
+        pytest.approx(2.0 / a.summary_repetition_penalty)
+
+
 def test_a_summary_cannot_copy_a_long_run_of_its_source(read_session):
     """The copy guard (`summary_copy_tokens`): after 11 tokens copied from the source the 12th that
     would continue the copy is ruled out; answers (no `no_copy` ids) may quote."""
