@@ -102,9 +102,9 @@ def run_books(args) -> dict:
     # built (and so checked) before the model loads
     if args.recall_best is None:
         args.recall_best = AnswerSettings.recall_best
-    if getattr(args, "repetition_penalty", None) is None:
+    if args.repetition_penalty is None:
         args.repetition_penalty = AnswerSettings.repetition_penalty
-    if getattr(args, "recall_share", None) is None:
+    if args.recall_share is None:
         args.recall_share = AnswerSettings.recall_share
     answering = AnswerSettings(recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
                                recall_best=args.recall_best, names=args.names, recall_share=args.recall_share,
@@ -192,24 +192,28 @@ def run_books(args) -> dict:
                 _say(f"{doc_name} {policy} recall {r} {it['id']}: {a.text[:70]!r} "
                      f"{'ok' if row['correct'] else 'miss'}" + (f" hit {row['hit']}" if r == "on" else ""))
         run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans)
-    # keys a case has only away from their defaults must match too: a 1.1 table holds no 1.0 rows
-    keys = set(settings) | {"recall_best", "recall_share", "repetition_penalty", "repetition_penalty_from", "names"}
-    rows = [r for r in results.rows
-            if all(r["case"].get(k) == settings.get(k) for k in keys - (RECALL_ONLY if r["case"]["policy"] in REFERENCES else set()))]
+    # each row's own recall setting (on / off) is in the table
+    rows = [r for r in results.matching(settings, ignore=frozenset({"recall"})) if r["case"]["policy"] not in REFERENCES]
+    rows += [r for r in results.matching(reference_settings(settings), ignore=frozenset({"recall"}))
+             if r["case"]["policy"] in REFERENCES]
     return summarize_books(rows, out, loaded.model_id, settings)
 
 
 REFERENCES = {"none", "oracle"}
-RECALL_ONLY = {"recall_share"}  # settings that change what is recalled, never a reference row: not in its key
+
+
+def reference_settings(settings: dict) -> dict:
+    """A reference row's case: the run's settings less those that only change what is recalled."""
+    return {k: v for k, v in settings.items() if k != "recall_share"}
 
 
 def run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans) -> None:
     """The 'none' (no document) and 'oracle' (only the answer's passages, full attention) rows."""
-    settings = {k: v for k, v in settings.items() if k not in RECALL_ONLY}
     from . import documents, recall
     from .cache import CacheConfig
     from .session import AnswerSettings, ReadingSession
 
+    settings = reference_settings(settings)
     todo = [(it, ref) for it in items for ref in args.references
             if not results.has({**settings, "doc": doc_name, "id": it["id"], "policy": ref, "recall": "off"})]
     if not todo:

@@ -184,12 +184,17 @@ class Results:
         self.rows.append(row)
         self.done.add(_key(case))
 
-    def matching(self, settings: dict) -> list[dict]:
-        """Rows whose case agrees with every given setting."""
-        # an ablation row never counts as a default one
-        keys = set(settings) | {"beta", "head_reduce", "recall", "focus", "focus_share", "recall_best",
-                                "recall_share", "repetition_penalty", "repetition_penalty_from"}
+    def matching(self, settings: dict, ignore: frozenset = frozenset()) -> list[dict]:
+        """Rows whose case agrees with every given setting, and has none of OPTIONAL_KEYS that the settings
+        lack (so an ablation row never counts as a default one); keys in `ignore` are not compared."""
+        keys = (set(settings) | OPTIONAL_KEYS) - ignore
         return [r for r in self.rows if all(r["case"].get(k) == settings.get(k) for k in keys)]
+
+
+# Keys a case carries only when its run set them away from their defaults (or, for the book set's newer
+# settings, away from the defaults its older rows were run with)
+OPTIONAL_KEYS = frozenset({"beta", "head_reduce", "recall", "focus", "focus_share", "recall_best", "recall_share",
+                           "repetition_penalty", "repetition_penalty_from", "names"})
 
 
 def _ablation(args) -> dict:
