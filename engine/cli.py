@@ -69,6 +69,7 @@ def add_layout_options(p: argparse.ArgumentParser, default_block: int | None = N
 
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
+    from .recall import ORDERS
     from .session import AnswerSettings
 
     d = AnswerSettings()
@@ -84,6 +85,9 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall-share", type=float, default=d.recall_share,
                    help="recall a passage after the best only when its BM25 score is at least this share of the "
                         f"best's (0 = fill the budget; default {d.recall_share})")
+    p.add_argument("--recall-order", choices=ORDERS, default=d.recall_order,
+                   help="re-read the recalled passages in document order, or by rank with the best last, next to "
+                        f"the question (default {d.recall_order})")
     p.add_argument("--memory-in-answer", action="store_true",
                    help="keep the cascade memory in view while answering from recalled passages")
     p.add_argument("--names", choices=["source", "free"], default=d.names,
@@ -108,7 +112,7 @@ def answer_settings(args):
 
     return AnswerSettings(recall=args.recall == "on", recall_tokens=args.recall_tokens,
                           recall_narrow=args.recall_narrow, recall_best=args.recall_best,
-                          recall_share=args.recall_share,
+                          recall_share=args.recall_share, recall_order=args.recall_order,
                           repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram,
                           summary_repetition_penalty=args.summary_repetition_penalty,
                           repetition_penalty_from=args.repetition_penalty_from,

@@ -106,9 +106,11 @@ def run_books(args) -> dict:
         args.repetition_penalty = AnswerSettings.repetition_penalty
     if args.recall_share is None:
         args.recall_share = AnswerSettings.recall_share
+    if args.recall_order is None:
+        args.recall_order = AnswerSettings.recall_order
     answering = AnswerSettings(recall_tokens=args.recall_tokens, recall_narrow=args.recall_narrow,
                                recall_best=args.recall_best, names=args.names, recall_share=args.recall_share,
-                               repetition_penalty=args.repetition_penalty)
+                               recall_order=args.recall_order, repetition_penalty=args.repetition_penalty)
     penalty_from = answering.repetition_penalty_from if answering.repetition_penalty > 1.0 else 0
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
@@ -123,6 +125,8 @@ def run_books(args) -> dict:
                          # old rows: 1.1, the engine's default when they were run
                          **({"repetition_penalty": args.repetition_penalty} if args.repetition_penalty != 1.1 else {}),
                          **({"recall_share": args.recall_share} if args.recall_share else {}),  # old rows: 0
+                         # old rows: document order
+                         **({"recall_order": args.recall_order} if args.recall_order != "document" else {}),
                          # old rows: the penalty from the first token (answers <= 48 tokens never meet a later one)
                          **({"repetition_penalty_from": penalty_from} if penalty_from else {}))
     if args.bible:
@@ -204,7 +208,7 @@ REFERENCES = {"none", "oracle"}
 
 def reference_settings(settings: dict) -> dict:
     """A reference row's case: the run's settings less those that only change what is recalled."""
-    return {k: v for k, v in settings.items() if k != "recall_share"}
+    return {k: v for k, v in settings.items() if k not in ("recall_share", "recall_order")}
 
 
 def run_references(args, loaded, prompt, settings, results, doc_name, doc, items, spans) -> None:

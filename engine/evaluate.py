@@ -24,7 +24,7 @@ import torch
 from .cache import POLICIES, CacheConfig
 from .cli import add_layout_options, cascades_arg
 from .errors import UserError
-from .recall import NARROW_TOKENS
+from .recall import NARROW_TOKENS, ORDERS
 
 FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
                     "There and back again.")
@@ -118,6 +118,8 @@ def add_arguments(parser) -> None:
             p.add_argument("--recall-share", type=float, default=None,
                            help="books: passages after the best recalled only at this share of its BM25 score "
                                 "(0 = fill the budget; default: the engine's)")
+            p.add_argument("--recall-order", choices=ORDERS, default=None,
+                           help="books: the order recalled passages are re-read in (default: the engine's)")
             p.add_argument("--repetition-penalty", type=float, default=None,
                            help="books: penalty on tokens the answer already used (1 = off; default: the engine's)")
             p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
@@ -194,6 +196,7 @@ class Results:
 # Keys a case carries only when its run set them away from their defaults (or, for the book set's newer
 # settings, away from the defaults its older rows were run with)
 OPTIONAL_KEYS = frozenset({"beta", "head_reduce", "recall", "focus", "focus_share", "recall_best", "recall_share",
+                           "recall_order",
                            "repetition_penalty", "repetition_penalty_from", "names"})
 
 

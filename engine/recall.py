@@ -56,6 +56,10 @@ FUSION = {"bm25": 1.0, "attention": 0.01}
 # Measured on the book set (docs/eval.md, "Fewer distractors"): 0.7 recalls 1.8 passages a question
 # instead of 4.1, hit 64/69 (was 66), SmolLM2 right 28/69 vs 22/69 (14 won, 8 lost); Bible hit unchanged.
 MIN_SHARE = 0.7
+# The order recalled passages are re-read in: "document" (as the book has them) or "best-last" (by fused
+# rank, the best passage last, right before the question: a small reader copies most from what it read
+# last). Measured in docs/eval.md ("The best passage last").
+ORDERS = ("document", "best-last")
 _WORD = re.compile(r"\w+", re.UNICODE)
 STOPWORDS = frozenset("""a an and are as at be been but by did do does for from had has have he her him his how i in
 into is it its me my not of on or our she so that the their them then there these they this those to was we were
@@ -307,7 +311,7 @@ def attention_by_passage(index: PassageIndex, doc_tokens: np.ndarray, weights: n
 def rank(index: PassageIndex, question: str, attention: dict[int, float] | None, budget: int,
          tokens_of=lambda p: p.tokens + 8, limit: int = 50, use_bm25: bool = True,
          offsets: np.ndarray | None = None, narrow_tokens: int = NARROW_TOKENS,
-         best_tokens: int = 0, min_share: float = 0.0) -> list[Recalled]:
+         best_tokens: int = 0, min_share: float = 0.0, order: str = "document") -> list[Recalled]:
     """Fuse the BM25 and attention rankings (RRF) and take the best passages that fit `budget` tokens.
 
     Passages whose BM25 score is below `min_share` of the best passage's are left out even when the
@@ -316,8 +320,7 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
     With `offsets` (SourceMap.offsets), the passages after the best are narrowed to their
     best-matching lines (`narrow`, at most narrow_tokens each). The best keeps its context: whole
     (best_tokens 0) or at most best_tokens, and always cut to fit the budget. tokens_of(passage) is
-    what re-reading it costs (its text and its label). Returns them in document order, so the model
-    re-reads the book as it is written.
+    what re-reading it costs (its text and its label). Returns them in `order` (ORDERS).
     """
     lexical = index.bm25(question, limit) if use_bm25 else []
     by_attention = sorted((attention or {}).items(), key=lambda kv: -kv[1])[:limit]
@@ -355,6 +358,8 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
         text = text_of(pid)[p.char_start - whole.char_start: p.char_end - whole.char_start]
         picked.append(Recalled(p, text, lr and lr[0], lr and round(lr[1], 4), ar and ar[0],
                                ar and round(ar[1], 5), fused[pid]))
+    if order == "best-last":  # the best passage next to the question, the rest before it by fused rank
+        return sorted(picked, key=lambda r: (r.fused, -r.passage.token_start))
     return sorted(picked, key=lambda r: r.passage.token_start)
 
 

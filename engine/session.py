@@ -30,7 +30,7 @@ from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
 from .grounding import SourceNames, part_names, with_names
 from .prompts import DOC_OUTRO, SUMMARY_PART_QUESTION, SUMMARY_QUESTION, PromptFormat, prompt_format
-from .recall import MIN_SHARE, NARROW_TOKENS
+from .recall import MIN_SHARE, NARROW_TOKENS, ORDERS
 from .runtime import Engine, ReadProgress
 
 
@@ -87,6 +87,7 @@ class AnswerSettings:
     # Passages after the best are recalled only when their BM25 score is at least this share of the
     # best's (0: fill the budget). recall.MIN_SHARE says why.
     recall_share: float = MIN_SHARE
+    recall_order: str = "document"  # the order passages are re-read in (recall.ORDERS says why)
     conversation_tokens: int = 768  # tail budget for earlier turns of a running conversation
     question_tokens: int = 512  # longest question accepted
     # transformers' RepetitionPenaltyLogitsProcessor over the answer so far (1: off), once the answer has
@@ -119,6 +120,8 @@ class AnswerSettings:
             if getattr(self, name) < 0 or (name == "question_tokens" and self.question_tokens < 1):
                 raise UserError(f"{name.replace('_', '-')} must be >= {1 if name == 'question_tokens' else 0}, "
                                 f"not {getattr(self, name)}")
+        if self.recall_order not in ORDERS:
+            raise UserError(f"recall-order must be one of {', '.join(ORDERS)}, not {self.recall_order!r}")
         if not 0.0 <= self.recall_share <= 1.0:
             raise UserError(f"recall-share must be between 0 and 1, not {self.recall_share}")
         for name in ("repetition_penalty", "summary_repetition_penalty"):
@@ -463,7 +466,8 @@ class ReadingSession:
         return recall.rank(self.index, question, attention, self.answering.recall_tokens,
                            tokens_of=self.recall_cost, use_bm25=signals in ("both", "bm25"),
                            offsets=self.source_map.offsets, narrow_tokens=self.answering.recall_narrow,
-                           best_tokens=self.answering.recall_best, min_share=self.answering.recall_share)
+                           best_tokens=self.answering.recall_best, min_share=self.answering.recall_share,
+                           order=self.answering.recall_order)
 
     @staticmethod
     def recall_cost(p: recall.Passage) -> int:

@@ -161,6 +161,22 @@ def test_recall_share_leaves_out_passages_that_match_far_worse_than_the_best(ind
     assert [r.passage.id for r in only] == [best_id]
 
 
+def test_recall_order_puts_the_best_passage_last_or_keeps_the_book_order(index):
+    doc, idx = index
+    offsets = char_offsets(doc.text)
+    question = "Who was the father in law of Moses, the priest of Midian?"  # several passages match
+    book = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60)
+    best_last = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60, order="best-last")
+    assert len(book) >= 3
+    # the same passages and texts, only the order differs
+    assert sorted((r.passage.id, r.text) for r in book) == sorted((r.passage.id, r.text) for r in best_last)
+    starts = [r.passage.token_start for r in book]
+    assert starts == sorted(starts)
+    assert best_last[-1].passage.id == idx.bm25(question, 1)[0][0]
+    fused = [r.fused for r in best_last]
+    assert fused == sorted(fused) and [r.passage.id for r in best_last] != [r.passage.id for r in book]
+
+
 def test_a_budget_smaller_than_the_best_passage_still_recalls_its_best_lines(index):
     doc, idx = index
     offsets = char_offsets(doc.text)
