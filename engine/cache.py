@@ -240,6 +240,9 @@ class KVCache:
 
     scored = True  # whether attention must return score sums for this policy
     steady_shapes = True  # False where the slots attention sees change with every token (see runtime)
+    # True where a prompt's cut into chunks cannot change what the cache keeps (an append-only tail):
+    # there `Engine.prefill` may read it in fewer, longer forwards
+    append_only = False
 
     def __init__(self, config: CacheConfig, n_layers: int, kv_heads: int, head_dim: int,
                  batch: int = 1, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):

@@ -31,6 +31,7 @@ class FrozenMemory(KVCache):
     """Document slots (read-only) + `tail_slots` append-only slots, per layer."""
 
     steady_shapes = False  # the slots seen grow with the tail
+    append_only = True  # the tail only grows; the document slots never move
 
     def __init__(self, doc: KVCache, tail_slots: int):
         super().__init__(doc.config, doc.n_layers, doc.kv_heads, doc.head_dim, batch=doc.batch, dtype=doc.dtype,

@@ -211,6 +211,9 @@ class Engine:
         else:
             self.rope = {"global": RopeTable(rotary, self.device, self.dtype)}
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        # Whether each new matmul shape leaves state behind (oneDNN on CPU below float32), so prompts are
+        # read in lengths seen before (`tail_chunks`).
+        self.shape_state = self.device.type == "cpu" and self.dtype != torch.float32
 
     def new_cache(self) -> KVCache:
         return make_cache(self.config, self.model.config, dtype=self.dtype, device=self.device)
@@ -296,15 +299,22 @@ class Engine:
             while len(buffer) >= self.stride:
                 run(buffer[: self.stride])
                 del buffer[: self.stride]
-        for n in tail_chunks(len(buffer), self.stride):  # the rest in lengths seen before (tail_chunks)
+        # the rest in lengths seen before (tail_chunks), whatever the dtype: how a document is cut into
+        # chunks decides which tokens the cascades keep, so one document reads the same everywhere
+        for n in tail_chunks(len(buffer), self.stride):
             run(buffer[:n])
             del buffer[:n]
         return ReadProgress(read, total, time.perf_counter() - start)
 
     def prefill(self, ids: list[int], cache: KVCache, logits: str = "last") -> torch.Tensor | None:
-        """Read a prompt after the document in chunks of `tail_chunks` lengths; the last one's logits."""
+        """Read a prompt after the document in chunks of `tail_chunks` lengths; the last one's logits.
+
+        Into an append-only tail where shapes leave no state (float32 on CPU, GPUs), the rest after whole
+        strides goes in one forward: every forward reads all the weights, and the cut changes nothing
+        there. A cascade's own cache keeps the powers of two, so a prompt pushes the same tokens out
+        whatever the dtype."""
         out, start = None, 0
-        lengths = tail_chunks(len(ids), self.stride)
+        lengths = tail_chunks(len(ids), self.stride, self.shape_state or not cache.append_only)
         for i, n in enumerate(lengths):
             turn()  # a fair turn for other sessions between chunks (engine.worker)
             out = self.forward(torch.tensor([ids[start: start + n]]), cache,
@@ -349,15 +359,19 @@ class Engine:
                 logits = self.forward(torch.tensor([[next_id]]), cache, logits="last")
 
 
-def tail_chunks(n: int, stride: int) -> list[int]:
-    """Chunk lengths for reading n prompt tokens: whole strides, then powers of two.
+def tail_chunks(n: int, stride: int, powers_of_two: bool = True) -> list[int]:
+    """Chunk lengths for reading n prompt tokens: whole strides, then the rest in powers of two (or whole).
 
     oneDNN keeps state for every new matrix shape it meets in bfloat16 (~1 MB each, measured), so a
     question of any length must not bring a new chunk length: with powers of two there are at most
     log2(stride) + 2 lengths in the life of the process, at the cost of a few more small forwards.
+    float32 keeps no such state (measured: 0 MB over 250 new shapes, docs/eval.md), and each forward
+    reads every weight once, so there the rest goes in one forward (`Engine.shape_state`).
     """
     lengths = [stride] * (n // stride)
     rest = n % stride
+    if rest and not powers_of_two:
+        return lengths + [rest]
     while rest:
         p = 1 << (rest.bit_length() - 1)
         lengths.append(p)

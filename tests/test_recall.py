@@ -16,7 +16,7 @@ from engine.cache import CacheConfig
 from engine.corpus import kjv_verses
 from engine.errors import UserError
 from engine.memory import freeze
-from engine.runtime import Engine
+from engine.runtime import Engine, tail_chunks
 from engine.snapshots import manifest_checksum
 
 
@@ -303,13 +303,44 @@ def test_hidden_document_is_skipped_not_masked_with_the_same_result(tiny_llama):
 
 
 def test_prompt_chunks_are_strides_then_powers_of_two():
-    from engine.runtime import tail_chunks
 
     for n in (1, 5, 63, 411, 512, 1000, 1537):
         lengths = tail_chunks(n, 512)
         assert sum(lengths) == n
         assert all(x == 512 or (x & (x - 1)) == 0 for x in lengths)  # never a new matrix shape
     assert tail_chunks(411, 512) == [256, 128, 16, 8, 2, 1]
+    assert tail_chunks(411, 512, powers_of_two=False) == [411]
+    assert tail_chunks(1537, 512, powers_of_two=False) == [512, 512, 512, 1]
+
+
+def test_a_prompt_into_the_answer_tail_reads_the_same_in_one_forward_as_in_chunks(tiny_llama):
+    """float32 (no per-shape state): the rest of a prompt after whole strides goes into the append-only
+    tail in one forward; the next-token logits and the tail must equal reading it in powers of two."""
+    ids = torch.randint(0, 257, (400,), generator=torch.Generator().manual_seed(8)).tolist()
+    engine = Engine(tiny_llama, CacheConfig(sinks=4, window=64, cascades=4), stride=64)
+    assert not engine.shape_state  # the tiny model is float32 on CPU
+    doc = engine.new_cache()
+    engine.read([ids], doc)
+    prompt = ids[:45]
+    calls = []
+    forward = engine.forward
+    engine.forward = lambda x, *a, **k: calls.append(x.shape[1]) or forward(x, *a, **k)
+    whole, chunked = freeze(doc, tail_slots=64), freeze(doc, tail_slots=64)
+    a = engine.prefill(prompt, whole)
+    assert calls == [45]
+    b = None
+    for n in tail_chunks(45, 64):  # the powers of two a bfloat16 CPU reads it in
+        b = forward(torch.tensor([prompt[:n]]), chunked, logits="last")
+        prompt = prompt[n:]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert whole.tail == chunked.tail == 45
+    # the tails hold the same: the answer's next tokens see the same thing
+    torch.testing.assert_close(engine.forward(torch.tensor([[5, 6]]), whole, logits="all"),
+                               engine.forward(torch.tensor([[5, 6]]), chunked, logits="all"), rtol=1e-4, atol=1e-4)
+    calls.clear()
+    live = engine.new_cache()  # a cascade's own cache keeps the powers of two: the cut decides what it keeps
+    engine.prefill(ids[:45], live)
+    assert calls == [32, 8, 4, 1]
 
 
 # ------------------------------------------------------------------ the real path
