@@ -196,8 +196,7 @@ class Results:
 # Keys a case carries only when its run set them away from their defaults (or, for the book set's newer
 # settings, away from the defaults its older rows were run with)
 OPTIONAL_KEYS = frozenset({"beta", "head_reduce", "recall", "focus", "focus_share", "recall_best", "recall_share",
-                           "recall_order",
-                           "repetition_penalty", "repetition_penalty_from", "names"})
+                           "recall_order", "repetition_penalty", "repetition_penalty_from", "names"})
 
 
 def _ablation(args) -> dict:

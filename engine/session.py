@@ -266,10 +266,10 @@ class ReadingSession:
         oneDNN keeps state for each new bfloat16 matrix shape it meets; met first by questions, they
         grew RSS over the first answers (~50 MB, measured) and slowed their first token. Met here,
         right after the first read, memory after reading is memory while answering. ~0.5 s, once.
-        Not needed where shapes leave no state (float32, GPUs: `Engine.shape_state`).
+        Kept where prompts go in one forward too (`Engine.shape_state` False): on a GPU these lengths'
+        power-of-two buckets are the Triton kernels' autotune keys, tuned here instead of at the first
+        question.
         """
-        if not self.engine.shape_state:
-            return
         lengths = [1 << i for i in range(self.stride.bit_length()) if 1 << i < self.stride] + [self.stride]
         todo = [n for n in lengths if n not in _WARM.setdefault(self.loaded.model, set())]
         memory = memory_of(self._answer_memory)

@@ -303,7 +303,6 @@ def test_hidden_document_is_skipped_not_masked_with_the_same_result(tiny_llama):
 
 
 def test_prompt_chunks_are_strides_then_powers_of_two():
-
     for n in (1, 5, 63, 411, 512, 1000, 1537):
         lengths = tail_chunks(n, 512)
         assert sum(lengths) == n
