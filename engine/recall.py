@@ -350,7 +350,7 @@ def rank(index: PassageIndex, question: str, attention: dict[int, float] | None,
         if pid in best:  # the best passage keeps its context (the reader needs it), within the budget
             limit = narrow_tokens if picked else min(best_tokens or whole.tokens,
                                                      budget - (tokens_of(whole) - whole.tokens))
-            p = narrow(whole, text_of(pid), best[pid], offsets, limit)
+            p = narrow(whole, text_of(pid), best[pid], offsets, limit, question)
         cost = tokens_of(p)
         if used + cost > budget:
             continue
@@ -418,6 +418,12 @@ def best_lines(question: str, texts: dict[int, str]) -> dict[int, int]:
     table, so a question's rare words weigh most among the lines it is choosing between; the saved
     index stays as it is.
     """
+    return _best_spans(question, [(pid, a, b) for pid, text in texts.items()
+                                  for a, b in _lines(text, 0, len(text))], texts)
+
+
+def _best_spans(question: str, spans: list[tuple[int, int, int]], texts: dict[int, str]) -> dict[int, int]:
+    """Key -> start of its span (key, char_start, char_end in texts[key]) that BM25 likes best."""
     query = fts_query(question)
     if not query or not texts:
         return {}
@@ -425,8 +431,7 @@ def best_lines(question: str, texts: dict[int, str]) -> dict[int, int]:
     try:
         con.execute("CREATE VIRTUAL TABLE line USING fts5(text, pid UNINDEXED, at UNINDEXED, "
                     "tokenize='porter unicode61')")
-        rows = [(text[a:b], pid, a) for pid, text in texts.items()
-                for a, b in _lines(text, 0, len(text)) if text[a:b].strip()]
+        rows = [(texts[k][a:b], k, a) for k, a, b in spans if texts[k][a:b].strip()]
         con.executemany("INSERT INTO line(text, pid, at) VALUES (?, ?, ?)", rows)
         best: dict[int, int] = {}
         for pid, at in con.execute("SELECT pid, at FROM line WHERE line MATCH ? ORDER BY bm25(line)", (query,)):
@@ -436,32 +441,59 @@ def best_lines(question: str, texts: dict[int, str]) -> dict[int, int]:
         con.close()
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """(char_start, char_end) of each sentence of text[start:end] (one line), the spaces after it excluded."""
+    out, at = [], start
+    for m in _SENTENCE_END.finditer(text, start, end):
+        out.append((at, m.start()))
+        at = m.end()
+    if at < end:
+        out.append((at, end))
+    return out
+
+
 _LINES_LABEL = re.compile(r"^(?:(?P<head>.*), )?lines? (?P<first>\d+)(?:-\d+)?$")
 
 
-def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int) -> Passage:
+def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int, question: str = "") -> Passage:
     """The passage (whose text is `text`) cut to whole lines around the line starting at `at`, grown
-    one line after, then one before, while it stays within max_tokens. A passage already that short,
-    or one line long, is kept whole. Plain-text labels name the narrowed lines ("Chapter 3, lines 12-14")."""
+    one line after, then one before, while it stays within max_tokens. A passage already that short
+    is kept whole. When that line alone is longer than max_tokens and than a whole passage's
+    TARGET_TOKENS (prose written a paragraph a line, a text with no line breaks at all; never a verse
+    or a page's line) and the `question` is given, its sentences take the lines' place, around the
+    sentence BM25 likes best: a passage cut out of such a line mid-fact ("... is 12963. | Remember it.
+    12963 is the pass key.") then lends the reader the sentence that holds the other half. Plain-text
+    labels name the narrowed lines ("Chapter 3, lines 12-14")."""
     if p.tokens <= max_tokens:
         return p
-    lines = list(_lines(text, 0, len(text)))
-    i = next((k for k, (a, _) in enumerate(lines) if a == at), None)
-    if i is None or len(lines) == 1:
+    units = list(_lines(text, 0, len(text)))
+    i = next((k for k, (a, _) in enumerate(units) if a == at), None)
+    if i is None:
         return p
-    tokens = lambda lo, hi: _ntok(offsets, p.char_start + lines[lo][0], p.char_start + lines[hi][1])
+    tokens = lambda lo, hi: _ntok(offsets, p.char_start + units[lo][0], p.char_start + units[hi][1])
+    if tokens(i, i) > max(max_tokens, TARGET_TOKENS) and question:
+        units = _sentences(text, *units[i])
+        best = _best_spans(question, [(0, a, b) for a, b in units], {0: text})
+        i = next((k for k, (a, _) in enumerate(units) if a == best.get(0)), None)
+        if i is None:
+            return p
+    elif len(units) == 1:
+        return p
     lo = hi = i
     grown = True
     while grown:
         grown = False
         for j in (hi + 1, lo - 1):
-            if 0 <= j < len(lines) and tokens(min(lo, j), max(hi, j)) <= max_tokens:
+            if 0 <= j < len(units) and tokens(min(lo, j), max(hi, j)) <= max_tokens:
                 lo, hi, grown = min(lo, j), max(hi, j), True
-    while lo < hi and not text[lines[lo][0]:lines[lo][1]].strip():
+    while lo < hi and not text[units[lo][0]:units[lo][1]].strip():
         lo += 1  # no blank line at either end
-    while hi > lo and not text[lines[hi][0]:lines[hi][1]].strip():
+    while hi > lo and not text[units[hi][0]:units[hi][1]].strip():
         hi -= 1
-    a, b = lines[lo][0], lines[hi][1]
+    a, b = units[lo][0], units[hi][1]
     label = p.label
     m = _LINES_LABEL.match(p.label)
     if m:  # plain text: line numbers of the narrowed lines (the passage's lines are consecutive)

@@ -193,6 +193,40 @@ def test_a_budget_smaller_than_the_best_passage_still_recalls_its_best_lines(ind
     assert lead.passage.tokens <= 60 and "Manna" in lead.text
 
 
+def test_a_fact_cut_by_a_passage_boundary_in_a_long_line_is_recalled_whole():
+    """Prose with no line breaks is cut into passages at sentence ends, and a fact can fall on both
+    sides of a cut ("... code is 48213. | Remember it. 48213 is the harbour code. ..."). The passage
+    before the cut has no line to narrow to: its sentences are, so the half it holds still fits."""
+    filler = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+              "There and back again."]
+    fact = ["The harbour code is 48213.", "Remember it.", "48213 is the harbour code."]
+    for k in range(40, 200):  # insert the fact after sentence k until a passage boundary splits it
+        sentences = [filler[i % len(filler)] for i in range(400)]
+        text = " ".join(sentences[:k] + fact + sentences[k:]) + "\n"
+        doc = documents.document_from_text(text, "one long line")
+        offsets = char_offsets(doc.text)
+        ps = recall.cut_passages(doc, offsets)
+        cut = next((p for p in ps if "48213." in doc.text[p.char_start:p.char_end]
+                    and "Remember it." not in doc.text[p.char_start:p.char_end]), None)
+        if cut is not None:
+            break
+    assert cut is not None and len(ps) > 2
+    idx = recall.PassageIndex.build(doc, offsets)
+    question = "What is the harbour code?"
+    picked = recall.rank(idx, question, None, budget=400, offsets=offsets, narrow_tokens=60)
+    assert sum(r.passage.tokens + 8 for r in picked) <= 400
+    texts = [r.text for r in picked]
+    assert any("The harbour code is 48213." in t for t in texts)  # the half before the cut
+    assert any("Remember it. 48213 is the harbour code." in t for t in texts)  # and the half after
+    narrowed = next(r for r in picked if r.passage.id == cut.id)
+    assert narrowed.passage.tokens <= 60 < idx.passages[cut.id].tokens  # cut to its sentences
+    assert narrowed.text.endswith(".") and narrowed.text[0].isupper()  # whole sentences
+    assert doc.text[narrowed.passage.char_start:narrowed.passage.char_end] == narrowed.text
+    # a budget under the best passage alone still recalls its best sentences
+    small = recall.rank(idx, question, None, budget=100, offsets=offsets, narrow_tokens=60)
+    assert small and sum(r.passage.tokens + 8 for r in small) <= 100 and any("48213" in r.text for r in small)
+
+
 def test_fts_query_is_safe_for_any_question(index):
     _, idx = index
     for q in ['"unbalanced', "NEAR(a b)", "a* OR -b", "col:value", "Moses' rod?"]:
