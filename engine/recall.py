@@ -458,13 +458,13 @@ def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
 _LINES_LABEL = re.compile(r"^(?:(?P<head>.*), )?lines? (?P<first>\d+)(?:-\d+)?$")
 
 
-def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int, question: str = "") -> Passage:
+def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int, question: str) -> Passage:
     """The passage (whose text is `text`) cut to whole lines around the line starting at `at`, grown
     one line after, then one before, while it stays within max_tokens. A passage already that short
     is kept whole. When that line alone is longer than max_tokens and than a whole passage's
     TARGET_TOKENS (prose written a paragraph a line, a text with no line breaks at all; never a verse
-    or a page's line) and the `question` is given, its sentences take the lines' place, around the
-    sentence BM25 likes best: a passage cut out of such a line mid-fact ("... is 12963. | Remember it.
+    or a page's line), its sentences take the lines' place, around the sentence BM25 likes best for
+    the `question`: a passage cut out of such a line mid-fact ("... is 12963. | Remember it.
     12963 is the pass key.") then lends the reader the sentence that holds the other half. Plain-text
     labels name the narrowed lines ("Chapter 3, lines 12-14")."""
     if p.tokens <= max_tokens:
@@ -474,7 +474,7 @@ def narrow(p: Passage, text: str, at: int, offsets: np.ndarray, max_tokens: int,
     if i is None:
         return p
     tokens = lambda lo, hi: _ntok(offsets, p.char_start + units[lo][0], p.char_start + units[hi][1])
-    if tokens(i, i) > max(max_tokens, TARGET_TOKENS) and question:
+    if tokens(i, i) > max(max_tokens, TARGET_TOKENS):
         units = _sentences(text, *units[i])
         best = _best_spans(question, [(0, a, b) for a, b in units], {0: text})
         i = next((k for k, (a, _) in enumerate(units) if a == best.get(0)), None)
