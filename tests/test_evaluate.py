@@ -94,6 +94,23 @@ def test_qa_facts_sit_at_their_depths_and_come_from_their_verses(tokenizer):
     assert len({it["word"] for it in items}) == len(items)
 
 
+def test_book_questions_are_answered_by_their_cited_verses_and_never_by_genesis():
+    """Every hand-written question of assets/eval/books_qa.json: unique id, each cited verse exists,
+    an accepted answer occurs as whole words in a cited verse, and no question is on Genesis (kept
+    for the independent check)."""
+    from engine.corpus import kjv_verses
+    from engine.eval_books import correct, load_set
+
+    data = load_set()
+    rows = {(v.book, v.chapter, v.verse): v.text for v in kjv_verses()}
+    items = data["questions"] + data["bible"]
+    assert len({it["id"] for it in items}) == len(items) and len(data["bible"]) >= 70
+    for it in items:
+        assert it["book"] != "Genesis", it["id"]
+        cited = [rows[(it["book"], c, v)] for c, v in it["refs"]]  # KeyError: a verse that does not exist
+        assert any(correct(text, it["answers"]) for text in cited), it["id"]
+
+
 # ------------------------------------------------------------------ runs on a tiny random Llama
 
 def eval_args(tmp_path, task, *extra):
