@@ -21,7 +21,7 @@ import numpy as np
 
 from .bench import ReadTrace
 from .errors import UserError
-from .evaluate import Results, _plt, _say, _settings, qa_defaults, wilson
+from .evaluate import Results, _plt, _say, _settings, qa_defaults, sign_test, wilson
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "assets" / "eval" / "books_qa.json"
 
@@ -253,6 +253,28 @@ def _doc_offsets(doc, tokenizer) -> np.ndarray:
     return sm.offsets
 
 
+def paired_rows(rows: list[dict]) -> list[dict]:
+    """Per document (and "all"), the cascade's recall-on answers against each other row on the same
+    questions: how many each alone got right, and the sign test of that split."""
+    right: dict[tuple, dict[str, bool]] = {}
+    for r in rows:
+        c = r["case"]
+        name = "recall on" if (c["policy"], c["recall"]) == ("cascade", "on") else \
+            c["policy"] if c["policy"] in REFERENCES else f"{c['policy']}, recall {c['recall']}"
+        for doc in (c["doc"], "all"):
+            right.setdefault((doc, name), {})[f"{c['doc']}/{c['id']}"] = bool(r["correct"])
+    out = []
+    for (doc, name), mine in sorted(right.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
+        base = right.get((doc, "recall on"))
+        if name == "recall on" or base is None:
+            continue
+        both = sorted(set(base) & set(mine))
+        won = sum(base[q] and not mine[q] for q in both)
+        lost = sum(mine[q] and not base[q] for q in both)
+        out.append({"doc": doc, "against": name, "n": len(both), "won": won, "lost": lost, "p": sign_test(won, lost)})
+    return out
+
+
 def summarize_books(rows: list[dict], out: Path, model_id: str, settings: dict) -> dict:
     """Accuracy (95% Wilson interval) and recall hit rate per document, policy and recall setting."""
     cells: dict[tuple, list[dict]] = {}
@@ -276,7 +298,7 @@ def summarize_books(rows: list[dict], out: Path, model_id: str, settings: dict) 
             entry["first_token_seconds"] = float(np.median(secs))
         entry["cut"] = sum(bool(r.get("cut")) for r in rs)
         table.append(entry)
-    summary = {"model": model_id, "settings": settings, "table": table}
+    summary = {"model": model_id, "settings": settings, "table": table, "paired": paired_rows(rows)}
     (out / "books.json").write_text(json.dumps(summary, indent=1))
     lines = [f"Book QA, {model_id}; window {settings['window']}, cascades {settings['cascades']}, stride "
              f"{settings['stride']}, recall budget {settings['recall_tokens']}, answers <= {settings['new_tokens']} "
@@ -293,6 +315,13 @@ def summarize_books(rows: list[dict], out: Path, model_id: str, settings: dict) 
                      f"({e['ci95'][0]:.2f}-{e['ci95'][1]:.2f}) | {pct(e, 'hit')} | {pct(e, 'hit_bm25')} | "
                      f"{pct(e, 'hit_attention')} | {pct(e, 'cited_gold')} | "
                      f"{e.get('first_token_seconds', float('nan')):.2f} | {e['cut']} |")
+    if summary["paired"]:
+        lines += ["", "Paired on the same questions (a row's accuracy alone cannot tell a real gain from the noise "
+                  "of a few dozen questions):", "",
+                  "| document | recall on vs | n | recall on alone right | the other alone right | sign test p |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['doc']} | {p['against']} | {p['n']} | {p['won']} | {p['lost']} | {p['p']:.2g} |"
+                  for p in summary["paired"]]
     (out / "books.md").write_text("\n".join(lines) + "\n")
     plt = _plt()
     alls = [e for e in table if e["doc"] == "all"]

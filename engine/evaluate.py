@@ -278,6 +278,17 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
+def sign_test(won: int, lost: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between `won` and `lost`
+    when each discordant case goes either way with probability 1/2 (ties, right or wrong in both, carry
+    no information about which is better and are left out)."""
+    n = won + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(won, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -94,6 +94,14 @@ def test_qa_facts_sit_at_their_depths_and_come_from_their_verses(tokenizer):
     assert len({it["word"] for it in items}) == len(items)
 
 
+def test_sign_test_is_the_exact_two_sided_binomial():
+    from math import comb
+
+    assert evaluate.sign_test(9, 0) == 2 / 2 ** 9  # all nine discordant cases one way
+    assert evaluate.sign_test(7, 5) == evaluate.sign_test(5, 7) == 2 * sum(comb(12, i) for i in range(6)) / 2 ** 12
+    assert evaluate.sign_test(5, 5) == 1.0 and evaluate.sign_test(0, 0) == 1.0  # no evidence either way
+
+
 def test_book_questions_are_answered_by_their_cited_verses_and_never_by_genesis():
     """Every hand-written question of assets/eval/books_qa.json: unique id, each cited verse exists,
     an accepted answer occurs as whole words in a cited verse, and no question is on Genesis (kept

@@ -535,7 +535,16 @@ def test_book_eval_runs_recall_on_and_off_and_resumes(use_tiny, tmp_path):
     for r in mine:
         if r["case"]["recall"] == "on":
             assert r["recalled"] and r["hit"] == r["hit_bm25"]  # what was re-read is what BM25 picked
-    assert "| 1 Samuel | cascade | on |" in (tmp_path / "books.md").read_text()
+    report = (tmp_path / "books.md").read_text()
+    assert "| 1 Samuel | cascade | on |" in report and "| 1 Samuel | none | 2 |" in report  # the paired table
+    paired = json.loads((tmp_path / "books.json").read_text())["paired"]
+    assert {(p["doc"], p["against"]) for p in paired} == {(d, a) for d in ("1 Samuel", "all") for a in
+                                                          ("none", "cascade, recall off", "sink, recall off", "sink, recall on")}
+    assert all(p["n"] == 2 and p["won"] + p["lost"] <= 2 for p in paired)
+    right = {(r["case"]["policy"], r["case"]["recall"], r["case"]["id"]): r["correct"] for r in rows}
+    off = next(p for p in paired if (p["doc"], p["against"]) == ("all", "cascade, recall off"))
+    assert off["won"] == sum(right[("cascade", "on", q)] and not right[("cascade", "off", q)]
+                             for q in ("1sa-01", "1sa-02"))
     evaluate.main(args)
     assert len((tmp_path / "books.jsonl").read_text().splitlines()) == len(rows)
     # another repetition penalty is another case, for the references too (rows without the key: 1.1)
