@@ -253,25 +253,22 @@ def _doc_offsets(doc, tokenizer) -> np.ndarray:
     return sm.offsets
 
 
-def paired_rows(rows: list[dict]) -> list[dict]:
+def paired_rows(cells: dict[tuple, list[dict]]) -> list[dict]:
     """Per document (and "all"), the cascade's recall-on answers against each other row on the same
-    questions: how many each alone got right, and the sign test of that split."""
-    right: dict[tuple, dict[str, bool]] = {}
-    for r in rows:
-        c = r["case"]
-        name = "recall on" if (c["policy"], c["recall"]) == ("cascade", "on") else \
-            c["policy"] if c["policy"] in REFERENCES else f"{c['policy']}, recall {c['recall']}"
-        for doc in (c["doc"], "all"):
-            right.setdefault((doc, name), {})[f"{c['doc']}/{c['id']}"] = bool(r["correct"])
+    questions: how many each alone got right, and the sign test of that split. cells: the report's
+    rows by (document, policy, recall)."""
     out = []
-    for (doc, name), mine in sorted(right.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
-        base = right.get((doc, "recall on"))
-        if name == "recall on" or base is None:
+    for (doc, policy, rec), rs in sorted(cells.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
+        base = cells.get((doc, "cascade", "on"))
+        if base is None or (policy, rec) == ("cascade", "on"):
             continue
-        both = sorted(set(base) & set(mine))
-        won = sum(base[q] and not mine[q] for q in both)
-        lost = sum(mine[q] and not base[q] for q in both)
-        out.append({"doc": doc, "against": name, "n": len(both), "won": won, "lost": lost, "p": sign_test(won, lost)})
+        right = {(r["case"]["doc"], r["case"]["id"]): bool(r["correct"]) for r in base}
+        mine = {(r["case"]["doc"], r["case"]["id"]): bool(r["correct"]) for r in rs}
+        both = sorted(set(right) & set(mine))
+        won = sum(right[q] and not mine[q] for q in both)
+        lost = sum(mine[q] and not right[q] for q in both)
+        out.append({"doc": doc, "against": policy if policy in REFERENCES else f"{policy}, recall {rec}",
+                    "n": len(both), "won": won, "lost": lost, "p": sign_test(won, lost)})
     return out
 
 
@@ -298,7 +295,7 @@ def summarize_books(rows: list[dict], out: Path, model_id: str, settings: dict) 
             entry["first_token_seconds"] = float(np.median(secs))
         entry["cut"] = sum(bool(r.get("cut")) for r in rs)
         table.append(entry)
-    summary = {"model": model_id, "settings": settings, "table": table, "paired": paired_rows(rows)}
+    summary = {"model": model_id, "settings": settings, "table": table, "paired": paired_rows(cells)}
     (out / "books.json").write_text(json.dumps(summary, indent=1))
     lines = [f"Book QA, {model_id}; window {settings['window']}, cascades {settings['cascades']}, stride "
              f"{settings['stride']}, recall budget {settings['recall_tokens']}, answers <= {settings['new_tokens']} "
