@@ -542,7 +542,7 @@ def retention_view(st: UserState, rows, layer, head, position, count):
     rows = "cascade" if rows == "cascades of one layer" else "layer"
     img = views.retention_map_html(r, rows, layer, tick_labels=_tick_labels(st), recalled=_recalled(st))
     cfg = st.session.config
-    table = views.occupancy_table(r, layer, cfg.cascade_slots if cfg.slots else 0, cfg.sinks,
+    table = views.occupancy_table(r, layer, cfg.sizes if cfg.slots else [], cfg.sinks,
                                   st.session.prefix_tokens)
     sm = st.session.source_map
     offsets = sm.offsets

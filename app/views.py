@@ -174,7 +174,8 @@ def retention_map_html(retention: dict | None, rows: str = "layer", layer: int =
             f"<div class='rmap-caption'>{html.escape(cap)}</div></div>")
 
 
-def occupancy_table(retention: dict, layer: int, cascade_slots: int, sinks: int, prompt_tokens: int = 0) -> list[list]:
+def occupancy_table(retention: dict, layer: int, cascade_sizes: list[int], sinks: int,
+                    prompt_tokens: int = 0) -> list[list]:
     """Per part of one layer: slots filled (max over KV heads) / capacity, oldest and newest document
     token held, the span covered, and how sparse it is (one kept token per N). Sink slots that hold
     the prompt (the chat template's prefix, not the document) are said to, so "22/64" is not a puzzle."""
@@ -184,7 +185,8 @@ def occupancy_table(retention: dict, layer: int, cascade_slots: int, sinks: int,
     if cascade is None:
         parts = [(None, "all slots", p.shape[-1])]
     else:
-        parts = [(-1, "sinks", sinks)] + [(c, f"cascade {c}", cascade_slots) for c in range(int(cascade.max()) + 1)]
+        parts = [(-1, "sinks", sinks)] + [(c, f"cascade {c}", cascade_sizes[c] if c < len(cascade_sizes) else 0)
+                                          for c in range(int(cascade.max()) + 1)]
     rows = []
     for c, name, cap in parts:
         held = p[:, cascade == c] if c is not None else p
@@ -288,7 +290,7 @@ def facts_markdown(session, watched_s: float | None = None, snapshot: str | None
              timing]
     if b["slots"]:
         split = (f"{cfg.sinks} sinks + {cfg.window:,} window in {cfg.effective_cascades} cascade"
-                 f"{'s' if cfg.effective_cascades != 1 else ''} of {cfg.cascade_slots:,}")
+                 f"{'s' if cfg.effective_cascades != 1 else ''} of {sizes_text(cfg.sizes)}")
         lines.append(f"- cache budget: **{b['slots']:,} slots** per layer ({split}), **{b['cache_mb']:.1f} MB**, "
                      f"policy **{b['policy']}**")
         fits = r.doc_tokens + r.prompt_tokens <= b["slots"]
@@ -319,6 +321,12 @@ def turn_note(others: list[tuple[str, float]]) -> str:
             f"while theirs lasts.")
 
 
+def sizes_text(sizes: list[int]) -> str:
+    """"32" when every cascade has 32 slots, "56-57" when the window does not split evenly."""
+    lo, hi = min(sizes), max(sizes)
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+
+
 def settings_note(config, stride: int) -> str:
     if config.slots is None:
         return f"✓ full cache: keeps every token (memory grows with the document) · stride {stride}"
@@ -326,7 +334,7 @@ def settings_note(config, stride: int) -> str:
         return (f"✓ {config.slots:,} slots per layer ({config.sinks} sinks + {config.window:,} window); cascades: "
                 f"the fewest whose span covers the document, chosen when it is read · stride {stride}")
     return (f"✓ {config.slots:,} slots per layer ({config.sinks} sinks + {config.window:,} window"
-            f"{f', {config.effective_cascades} cascades of {config.cascade_slots:,}' if config.policy == 'cascade' else ''}"
+            f"{f', {config.effective_cascades} cascades of {sizes_text(config.sizes)}' if config.policy == 'cascade' else ''}"
             f") · spans about {config.span:,} tokens · stride {stride}")
 
 

@@ -83,9 +83,12 @@ def test_random_scores_pick_block_winners():
 
 
 def sizes_of(sizes_rule, w, cascades, block):
-    """The cascade sizes a strategy draws: equal, cascade 0 twice the others, or 'half'."""
+    """The cascade sizes a strategy draws: equal, uneven (the window does not split evenly: "equal"
+    gives the newest cascades a block more), cascade 0 twice the others, or 'half'."""
     if sizes_rule == "equal":
         return "equal", [w * block] * cascades
+    if sizes_rule == "uneven":
+        return "equal", [(w + (i < cascades - 1)) * block for i in range(cascades)]
     if sizes_rule == "first-double" or cascades == 1:
         sizes = [2 * w * block] + [w * block] * (cascades - 1)
         return ",".join(map(str, sizes)), sizes
@@ -98,7 +101,7 @@ def sizes_of(sizes_rule, w, cascades, block):
     w=st.integers(1, 6),  # blocks per cascade
     cascades=st.integers(1, 4),
     block=st.sampled_from([1, 1, 2, 3, 4]),
-    sizes_rule=st.sampled_from(["equal", "equal", "first-double", "half"]),
+    sizes_rule=st.sampled_from(["equal", "uneven", "first-double", "half"]),
     lengths=st.lists(st.integers(1, 23), min_size=1, max_size=14),
     seed=st.integers(0, 2 ** 16),
     beta=st.sampled_from([1.0, 0.9, 0.5]),
@@ -182,6 +185,13 @@ def test_sizes_rules_spans_and_auto_cascades():
     auto = CacheConfig(sinks=64, window=256, cascades="auto", block=16).resolve(5120)
     assert auto.cascades == 8 and auto.sizes == [32] * 8 and auto.span >= 5120
     assert CacheConfig(sinks=64, window=256, cascades="auto", block=64).resolve(5120).cascades == 4  # 64-slot cascades
+    # a window that does not split evenly: the newest cascades get the blocks left over, so auto takes
+    # the C the document needs (9 for 23,414 tokens at window 512), not the next divisor of the window (16)
+    genesis = CacheConfig(sinks=64, window=512, cascades="auto").resolve(23_414)
+    assert genesis.cascades == 9 and genesis.sizes == [57] * 8 + [56]
+    assert genesis.span >= 23_414 > CacheConfig(sinks=64, window=512, cascades=8).span
+    assert CacheConfig(sinks=0, window=40, cascades=3, block=4).sizes == [16, 12, 12]
+    assert CacheConfig(sinks=0, window=40, cascades=3, block=4, cascade_sizes="half").sizes == [20, 12, 8]
     # the sink policy is one window of single tokens whatever the cascade options say
     sink = CacheConfig(policy="sink", window=100, cascades=4, block=8, cascade_sizes="half")
     assert sink.sizes == [100] and make_cache(sink, model_config()).block == 1
@@ -202,7 +212,8 @@ def test_blocks_move_whole_and_cascade_zero_keeps_its_size():
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    (dict(window=10, cascades=4), "divisible"),
+    (dict(window=10, cascades=11), "too small for 11 cascades"),
+    (dict(window=250, cascades=2, block=16), "multiple of the block"),
     (dict(policy="nope"), "policy"),
     (dict(window=0), "window"),
     (dict(sinks=-1), "sinks"),

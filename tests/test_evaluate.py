@@ -307,7 +307,7 @@ def test_fact_positions_point_at_the_word(tokenizer, use_tiny):
 def test_bad_settings_are_user_errors(tmp_path, use_tiny):
     from engine.errors import UserError
 
-    with pytest.raises(UserError, match="divisible"):
-        evaluate.run_passkey(eval_args(tmp_path, "passkey", "--cascades", "3"))
+    with pytest.raises(UserError, match="too small"):
+        evaluate.run_passkey(eval_args(tmp_path, "passkey", "--cascades", "100000"))
     with pytest.raises(UserError, match="lengths"):
         evaluate.run_passkey(eval_args(tmp_path, "passkey", "--lengths-x", "0"))

@@ -78,11 +78,11 @@ def test_cli_ask_json_contract(tmp_path):
 @pytest.mark.parametrize("setup,args,needle", [
     (None, ["ask", "{tmp}/missing.txt", "-q", "x"], "missing.txt"),
     ("empty", ["ask", "{tmp}/empty.txt", "-q", "x"], "empty.txt"),
-    ("doc", ["ask", "{tmp}/doc.txt", "-q", "x", "--window", "10", "--cascades", "4"], "divisible"),
+    ("doc", ["ask", "{tmp}/doc.txt", "-q", "x", "--window", "3", "--cascades", "4"], "too small"),
     ("doc", ["ask", "{tmp}/doc.txt", "-q", "x", "--stride", "0"], "stride"),
     ("doc", ["ask", "{tmp}/doc.txt", "-q", "x", "--model", "./no/such/model"], "model"),
     ("bin", ["ask", "{tmp}/data.bin", "-q", "x"], "data.bin"),
-    (None, ["bench", "--window", "100", "--cascades", "3", "--out", "{tmp}/b"], "divisible"),
+    (None, ["bench", "--window", "2", "--cascades", "3", "--out", "{tmp}/b"], "too small"),
     (None, ["bench", "--lengths", "0", "--out", "{tmp}/b"], "--lengths"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, setup, args, needle):

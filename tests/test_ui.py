@@ -24,12 +24,12 @@ def make_pdf(path):
 
 def test_settings_are_validated(app_url, browser):
     page = open_app(browser, app_url)
-    set_number(page, "window", "250")  # not divisible by 4 cascades
-    page.wait_for_selector("#settings-msg :text('divisible')", timeout=10_000)
+    set_number(page, "window", "3")  # too few slots for 4 cascades
+    page.wait_for_selector("#settings-msg :text('too small')", timeout=10_000)
     page.fill("#pasted textarea", "A short note about nothing much.")
     page.click("#read")
     page.wait_for_selector("#progress [data-state=error]", timeout=30_000)
-    assert "must be divisible by cascades" in page.inner_text("#status")
+    assert "is too small for 4 cascades" in page.inner_text("#status")
     shot(page, "1-settings-error")
     set_number(page, "window", "256")
     page.wait_for_selector("#settings-msg :text('320 slots')", timeout=10_000)
