@@ -144,7 +144,8 @@ def worker(args: dict) -> dict:
     config = CacheConfig(policy="sink" if policy == "ceiling" else policy, sinks=args["sinks"],
                          window=args["window"], cascades=args["cascades"], block=args.get("block", 1),
                          cascade_sizes=args.get("cascade_sizes", "equal"),
-                         contest=args.get("contest", "head")).resolve(args["length"])
+                         contest=args.get("contest", "head"),
+                         block_score=args.get("block_score", "max")).resolve(args["length"])
     if args.get("question") and policy != "ceiling":
         row = read_and_ask(loaded, config, args)
         return {"policy": policy, "dtype": args["dtype"], "length": row["doc_tokens"], **row,
@@ -215,7 +216,7 @@ def run_read_bench(args) -> dict:
     args.device = str(parse_device(args.device))  # a bad device fails here too, not in every worker
     for policy in args.policies:  # bad settings fail here, in one line, before any worker starts
         CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades, block=args.block,
-                    cascade_sizes=args.cascade_sizes, contest=args.contest)
+                    cascade_sizes=args.cascade_sizes, contest=args.contest, block_score=args.block_score)
     if args.stride < 1 or any(n < 1 for n in args.lengths):
         raise UserError("bench: --stride and --lengths must be >= 1")
     for dtype in args.dtypes:
@@ -229,7 +230,8 @@ def run_read_bench(args) -> dict:
                 job = {"model": args.model, "device": args.device, "dtype": dtype, "policy": policy,
                        "length": run_length, "sinks": args.sinks, "window": args.window, "cascades": args.cascades,
                        "stride": args.stride, "block": args.block, "cascade_sizes": args.cascade_sizes,
-                       "contest": args.contest, "threads": getattr(args, "threads", "auto"),
+                       "contest": args.contest, "block_score": args.block_score,
+                       "threads": getattr(args, "threads", "auto"),
                        "question": getattr(args, "question", None)}
                 print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
                 # The worker inherits OMP_WAIT_POLICY: PASSIVE rescues an oversubscribed CPU but costs

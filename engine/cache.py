@@ -25,6 +25,7 @@ POLICIES = ("cascade", "sink", "full")
 
 SIZE_RULES = ("equal", "half")  # named rules for --cascade-sizes (or an explicit list "N,N,...")
 CONTESTS = ("head", "layer", "model")  # who shares one contest: each KV head (the paper), each layer, the model
+BLOCK_SCORES = ("max", "sum")  # a block's score: its best token's, or the sum of its tokens' (same for b = 1)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class CacheConfig:
     # who decides a contest: "head" (the paper: every KV head of every layer keeps its own tokens),
     # "layer" (a layer's KV heads decide together) or "model" (one decision for every layer and head)
     contest: str = "head"
+    # a block's score in a contest: "max" (its best token: one attended token carries the block) or "sum"
+    # (all its tokens: a block the reader used throughout beats one with a single spike); contests past
+    # cascade 0 are between whole blocks, so "sum" ranks them as a mean would
+    block_score: str = "max"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -72,6 +77,8 @@ class CacheConfig:
             raise UserError(f"head_reduce must be 'max' or 'mean', not '{self.head_reduce}'")
         if self.contest not in CONTESTS:
             raise UserError(f"contest must be one of {', '.join(CONTESTS)}, not '{self.contest}'")
+        if self.block_score not in BLOCK_SCORES:
+            raise UserError(f"block score must be one of {', '.join(BLOCK_SCORES)}, not '{self.block_score}'")
 
     def _explicit_sizes(self) -> list[int] | None:
         if self.cascade_sizes in SIZE_RULES:
@@ -520,7 +527,8 @@ class CascadeCache(KVCache):
         offers = self.fill(level, lv, offers)
         if lv.incumbent is not None:
             offers = Tokens.cat([level.select(lv.incumbent), offers])
-        winner = last_argmax_per_group(block_scores(offers.score, lv), lv.block_group, lv.n_groups)
+        winner = last_argmax_per_group(block_scores(offers.score, lv, self.config.block_score), lv.block_group,
+                                       lv.n_groups)
         b, h, _ = winner.shape
         # every token of a winning block: its block's first candidate + its place in the block
         first = lv.block_start[winner.gather(2, lv.win_group.expand(b, h, -1))]  # [batch, kv_heads, winner tokens]
@@ -579,14 +587,17 @@ def write(level: Tokens, slots: torch.Tensor, tokens: Tokens) -> None:
         dst.index_copy_(2, slots, src)
 
 
-def block_scores(score: torch.Tensor, lv: LevelPlan) -> torch.Tensor:
-    """A block's score is the highest of its tokens'. score: [batch, kv_heads, candidates] -> [.., blocks]"""
+def block_scores(score: torch.Tensor, lv: LevelPlan, rule: str = "max") -> torch.Tensor:
+    """A block's score: the highest of its tokens' ("max") or their sum ("sum").
+    score: [batch, kv_heads, candidates] -> [batch, kv_heads, blocks]"""
     n_blocks = len(lv.block_group)
     if n_blocks == score.shape[2]:  # blocks of one token
         return score
     b, h, n = score.shape
-    best = torch.full((b, h, n_blocks), float("-inf"), dtype=score.dtype, device=score.device)
-    return best.scatter_reduce(2, lv.cand_block.expand(b, h, n), score, reduce="amax", include_self=True)
+    start = float("-inf") if rule == "max" else 0.0
+    best = torch.full((b, h, n_blocks), start, dtype=score.dtype, device=score.device)
+    return best.scatter_reduce(2, lv.cand_block.expand(b, h, n), score, reduce="amax" if rule == "max" else "sum",
+                               include_self=True)
 
 
 class FullCache(KVCache):

@@ -66,6 +66,9 @@ def add_layout_options(p: argparse.ArgumentParser, default_block: int | None = N
     p.add_argument("--contest", choices=["head", "layer", "model"], default=d.contest,
                    help="who decides which token stays: each KV head of each layer (the paper), each layer, "
                         f"or one decision for the whole model, so kept tokens are whole in every head (default {d.contest})")
+    p.add_argument("--block-score", choices=["max", "sum"], default=d.block_score,
+                   help="a block's score in a contest: its best token's, or the sum of its tokens' "
+                        f"(the same for blocks of 1; default {d.block_score})")
 
 
 def add_answer_options(p: argparse.ArgumentParser) -> None:
@@ -125,7 +128,7 @@ def cache_config(args):
 
     return CacheConfig(policy=args.policy, sinks=args.sinks, window=args.window, cascades=args.cascades,
                        beta=args.beta, rope=args.rope, block=args.block, cascade_sizes=args.cascade_sizes,
-                       contest=args.contest)
+                       contest=args.contest, block_score=args.block_score)
 
 
 def load(args, say):

@@ -207,7 +207,8 @@ def _ablation(args) -> dict:
 
 def _config(args, policy: str) -> CacheConfig:
     return CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades,
-                       block=args.block, cascade_sizes=args.cascade_sizes, contest=args.contest, **_ablation(args))
+                       block=args.block, cascade_sizes=args.cascade_sizes, contest=args.contest,
+                       block_score=args.block_score, **_ablation(args))
 
 
 def _settings(args, loaded, task: str, **extra) -> dict:
@@ -223,7 +224,8 @@ def _policy_fields(args, policy: str) -> dict:
     fields = {"policy": policy, "cascades": {"cascade": args.cascades, "sink": 1}.get(policy)}
     if policy == "cascade":
         default = CacheConfig()
-        fields.update({k: getattr(args, k) for k in ("block", "cascade_sizes", "contest") if getattr(args, k) != getattr(default, k)})
+        fields.update({k: getattr(args, k) for k in ("block", "cascade_sizes", "contest", "block_score")
+                       if getattr(args, k) != getattr(default, k)})
     return fields
 
 
@@ -438,7 +440,8 @@ def run_passkey(args) -> dict:
             if recall == "off" or r["case"].get("recall_tokens") == args.recall_tokens]
     return summarize_passkey(rows, Path(args.out), loaded.model_id,
                              {**settings, "cascades": args.cascades, "block": args.block,
-                              "cascade_sizes": args.cascade_sizes, "contest": args.contest})
+                              "cascade_sizes": args.cascade_sizes, "contest": args.contest,
+                              "block_score": args.block_score})
 
 
 def passkey_with_recall(args, loaded, config: CacheConfig, answering, text: str, key: str) -> dict:
@@ -521,7 +524,8 @@ def summarize_passkey(rows: list[dict], out: Path, model_id: str, settings: dict
           f"{settings['haystack']} haystack, needle {settings.get('needle', 'ours')}; prompt length = haystack + "
           f"prefix + question + answer): cache {settings['sinks']} sinks + {settings['window']} window "
           f"(cascade: {settings.get('cascades', '?')} cascades, block {settings.get('block', 1)}, sizes "
-          f"{settings.get('cascade_sizes', 'equal')}, contest {settings.get('contest', 'head')}), stride {settings['stride']}, "
+          f"{settings.get('cascade_sizes', 'equal')}, contest {settings.get('contest', 'head')}, block score "
+          f"{settings.get('block_score', 'max')}), stride {settings['stride']}, "
           f"{len(DEPTH_BANDS)} depth bands x {n_samples} sample(s) per length."), "",
           "Exact match [95% Wilson interval] (mean per-digit accuracy), n cases per cell:", "", head, rule]
     for p in policies:

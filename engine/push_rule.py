@@ -15,7 +15,8 @@ there); walking the cascades i = 0, 1, ... with the block offered at time t:
 - accepting (or empty): append; when that overfills the cascade, its oldest block moves on and is
   offered to cascade i + 1, still at time t (from the last cascade it is dropped);
 - not accepting: contest with the cascade's newest block; the higher score keeps the place, ties
-  going to the newcomer, and the loser is dropped.
+  going to the newcomer, and the loser is dropped. A block's score is its best token's (`--block-score
+  max`, the default) or the sum of its tokens' (`sum`); past cascade 0 every block is whole.
 
 Worked example: S = 0, two cascades of 4 slots (W = 8), b = 2. Tokens 0-7 fill cascade 0 with
 blocks [0 1] [2 3] and, when [4 5] and [6 7] arrive, push [0 1] and [2 3] on to cascade 1 (t < W:
@@ -37,8 +38,9 @@ from __future__ import annotations
 
 class OracleCascade:
     def __init__(self, sinks: int, window: int, cascades: int, beta: float, block: int = 1,
-                 sizes: list[int] | None = None):
+                 sizes: list[int] | None = None, block_score: str = "max"):
         self.S, self.W, self.beta, self.b = sinks, window, beta, block
+        self.block_score = block_score
         self.sizes = sizes or [window // cascades] * cascades
         self.sinks: list[dict] = []
         self.rings: list[list[list[dict]]] = [[] for _ in self.sizes]  # per cascade: blocks, oldest first
@@ -70,7 +72,7 @@ class OracleCascade:
                     return
                 block = ring.pop(0)  # the oldest block moves on to cascade i + 1
                 continue
-            if best(block) >= best(ring[-1]):  # contest with the newest block; ties to the newcomer
+            if self.score(block) >= self.score(ring[-1]):  # contest with the newest block; ties to the newcomer
                 ring[-1] = block
             return
 
@@ -87,6 +89,6 @@ class OracleCascade:
     def scores(self) -> dict[int, float]:
         return {t["pos"]: t["score"] for t in self.tokens()}
 
-
-def best(block: list[dict]) -> float:
-    return max(t["score"] for t in block)
+    def score(self, block: list[dict]) -> float:
+        scores = [t["score"] for t in block]
+        return max(scores) if self.block_score == "max" else sum(scores)

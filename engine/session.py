@@ -143,7 +143,7 @@ _WARM: "weakref.WeakKeyDictionary[torch.nn.Module, set[int]]" = weakref.WeakKeyD
 SUMMARY_PARTS = ("beginning", "middle", "end")
 ANSWER_TOKENS = 256  # the answer length the answer memory is first sized for (longer ones resize it)
 # What a snapshot saved before these cache options existed was read with (whatever today's defaults)
-BEFORE_OPTIONS = {"block": 1, "cascade_sizes": "equal", "contest": "head"}
+BEFORE_OPTIONS = {"block": 1, "cascade_sizes": "equal", "contest": "head", "block_score": "max"}
 BASELINE_QUESTION = "What is this document about?"  # the attention of a question with no particular target
 
 

@@ -105,15 +105,18 @@ def sizes_of(sizes_rule, w, cascades, block):
     lengths=st.lists(st.integers(1, 23), min_size=1, max_size=14),
     seed=st.integers(0, 2 ** 16),
     beta=st.sampled_from([1.0, 0.9, 0.5]),
+    block_score=st.sampled_from(["max", "sum"]),
 )
-def test_matches_literal_oracle_and_invariants(sinks, w, cascades, block, sizes_rule, lengths, seed, beta):
+def test_matches_literal_oracle_and_invariants(sinks, w, cascades, block, sizes_rule, lengths, seed, beta, block_score):
     rule, sizes = sizes_of(sizes_rule, w, cascades, block)
     window = sum(sizes)
-    cfg = CacheConfig(sinks=sinks, window=window, cascades=cascades, beta=beta, block=block, cascade_sizes=rule)
+    cfg = CacheConfig(sinks=sinks, window=window, cascades=cascades, beta=beta, block=block, cascade_sizes=rule,
+                      block_score=block_score)
     assert cfg.sizes == sizes
     cache = make_cache(cfg, model_config(kv_heads=2), batch=2)
     gen = torch.Generator().manual_seed(seed)
-    oracles = [[OracleCascade(sinks, window, cascades, beta, block, sizes) for _ in range(2)] for _ in range(2)]
+    oracles = [[OracleCascade(sinks, window, cascades, beta, block, sizes, block_score) for _ in range(2)]
+               for _ in range(2)]
     first_sinks = None
     for L in lengths:
         before = cache.pos[0].clone()
@@ -224,6 +227,7 @@ def test_blocks_move_whole_and_cascade_zero_keeps_its_size():
     (dict(cascade_sizes="big"), "cascade sizes"),
     (dict(block=0), "block"),
     (dict(contest="everyone"), "contest must be one of head, layer, model"),
+    (dict(block_score="mean"), "block score must be one of max, sum"),
 ])
 def test_bad_config_is_a_user_error(kwargs, msg):
     with pytest.raises(UserError, match=msg):

@@ -102,16 +102,19 @@ def test_scores_equal_brute_force_column_sums(group, head_reduce):
     assert torch.allclose(torch.cat((cs, ns), -1).cpu(), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("sinks,window,cascades,block,sizes,chunks", [
-    (4, 24, 3, 1, "equal", [7] * 20 + [5, 1, 1, 1, 30, 2]),  # ring wraps, contests with the incumbent
-    (2, 12, 4, 1, "equal", [3, 50, 1, 1, 9, 13, 40]),        # chunks longer than a cascade: the incumbent is evicted
-    (3, 36, 3, 3, "equal", [7] * 12 + [1, 1, 2, 40, 5, 1]),  # blocks of 3: unfinished blocks, block contests
-    (0, 32, 3, 2, "16,8,8", [5, 3, 70, 1, 1, 9, 33]),       # blocks of 2 and a larger cascade 0
+@pytest.mark.parametrize("sinks,window,cascades,block,sizes,chunks,block_score", [
+    (4, 24, 3, 1, "equal", [7] * 20 + [5, 1, 1, 1, 30, 2], "max"),  # ring wraps, contests with the incumbent
+    (2, 12, 4, 1, "equal", [3, 50, 1, 1, 9, 13, 40], "max"),  # chunks longer than a cascade: the incumbent is evicted
+    (3, 36, 3, 3, "equal", [7] * 12 + [1, 1, 2, 40, 5, 1], "max"),  # blocks of 3: unfinished blocks, block contests
+    (3, 36, 3, 3, "equal", [7] * 12 + [1, 1, 2, 40, 5, 1], "sum"),  # the same, blocks scored by their sum
+    (0, 32, 3, 2, "16,8,8", [5, 3, 70, 1, 1, 9, 33], "max"),  # blocks of 2 and a larger cascade 0
+    (1, 34, 4, 2, "equal", [5, 3, 70, 1, 1, 9, 33], "sum"),  # uneven sizes (10, 8, 8, 8), sums of blocks of 2
 ])
-def test_push_kernel_matches_torch_push(sinks, window, cascades, block, sizes, chunks):
+def test_push_kernel_matches_torch_push(sinks, window, cascades, block, sizes, chunks, block_score):
     from engine.cache import CacheConfig, CascadeCache
 
-    config = CacheConfig(sinks=sinks, window=window, cascades=cascades, beta=0.9, block=block, cascade_sizes=sizes)
+    config = CacheConfig(sinks=sinks, window=window, cascades=cascades, beta=0.9, block=block, cascade_sizes=sizes,
+                         block_score=block_score)
     want, got = (CascadeCache(config, 1, 2, 16, batch=2, device=DEVICE) for _ in range(2))
     g = torch.Generator().manual_seed(sinks)
     for length in chunks:

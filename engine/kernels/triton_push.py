@@ -62,7 +62,7 @@ def _push_level_kernel(
     EK, EV, ES, EP,  # evicted out: [B, H, E1 + E2, D] / [B, H, E1 + E2], contiguous
     GROUP_START, BLOCK_START, INC_SLOTS, WIN_GROUP, WIN_OFFSET, EVICT_RES, WRITE_NEW, WRITE_SLOT, WIN,
     KV_HEADS, BASE, N_INC, BLOCK, N_GROUPS, E1, E2, N_WRITE,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SUM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // KV_HEADS
@@ -76,7 +76,8 @@ def _push_level_kernel(
     win = WIN + pid * N_GROUPS
     offs_t = tl.arange(0, BLOCK_T)
 
-    # 1. winners: the block with the highest token score per group, ties to the later (newer) block
+    # 1. winners: the block with the best score per group (its best token's, or with BLOCK_SUM the sum of its
+    # tokens'), ties to the later (newer) block
     for g0 in range(0, N_GROUPS, BLOCK_T):
         offs_g = g0 + offs_t
         g_ok = offs_g < N_GROUPS
@@ -90,7 +91,7 @@ def _push_level_kernel(
             ok = g_ok & (blk < end)
             first = tl.load(BLOCK_START + blk, mask=ok, other=0)
             stop = tl.load(BLOCK_START + blk + 1, mask=ok, other=0)
-            s_blk = tl.full([BLOCK_T], float("-inf"), tl.float32)
+            s_blk = tl.full([BLOCK_T], 0.0 if BLOCK_SUM else float("-inf"), tl.float32)
             for k in range(0, BLOCK):
                 idx = first + k
                 t_ok = ok & (idx < stop)
@@ -98,7 +99,12 @@ def _push_level_kernel(
                 slot = tl.load(INC_SLOTS + idx, mask=t_ok & is_inc, other=0)
                 s_inc = tl.load(ls + slot * ssn, mask=t_ok & is_inc, other=float("-inf"))
                 s = tl.load(os_ + (idx - N_INC) * sosn, mask=t_ok & ~is_inc, other=float("-inf"))
-                s_blk = tl.maximum(s_blk, tl.where(is_inc, s_inc, s))
+                s_tok = tl.where(is_inc, s_inc, s)
+                if BLOCK_SUM:
+                    s_blk += tl.where(t_ok, s_tok, 0.0)
+                else:
+                    s_blk = tl.maximum(s_blk, s_tok)
+            s_blk = tl.where(ok, s_blk, float("-inf"))
             better = ok & (s_blk >= best_s)
             best_s = tl.where(better, s_blk, best_s)
             best_b = tl.where(better, blk, best_b)
@@ -142,7 +148,8 @@ def _push_level_kernel(
                      lk, lv, ls, lp, skn, svn, ssn, spn, HEAD_DIM, BLOCK_D)
 
 
-def push_level(keys, values, score, pos, lv: LevelPlan, offers: Tokens, block: int) -> Tokens:
+def push_level(keys, values, score, pos, lv: LevelPlan, offers: Tokens, block: int,
+               block_score: str = "max") -> Tokens:
     """In place on one layer's storage ([batch, kv_heads, slots, head_dim] keys/values,
     [batch, kv_heads, slots] score/pos), after `CascadeCache.fill`; returns the evicted tokens, oldest first."""
     batch, kv_heads, _, head_dim = keys.shape
@@ -170,7 +177,8 @@ def push_level(keys, values, score, pos, lv: LevelPlan, offers: Tokens, block: i
         group_start, lv.block_start, inc_slots, lv.win_group, lv.win_offset, lv.evict_resident, lv.write_new,
         lv.write_slot, win,
         kv_heads, lv.base, lv.n_incumbent, block, lv.n_groups, e1, e2, n_write,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=BLOCK_T)
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=BLOCK_T,
+        BLOCK_SUM=block_score == "sum")
     return out
 
 
@@ -182,4 +190,4 @@ def push(cache: CascadeCache, layer: int, plan, keys, values, cache_score, chunk
     for lv in plan.levels:
         offers = cache.fill(cache.level_view(layer, lv), lv, offers)
         offers = push_level(cache.keys[layer], cache.values[layer], cache.score[layer], cache.pos[layer], lv,
-                            offers, cache.block)
+                            offers, cache.block, cache.config.block_score)
