@@ -37,3 +37,24 @@ def test_a_section_summary_shows_its_label_main_names_and_source():
     assert "<h4>Chapter 2</h4><div class='names'>about Naomi, Ruth, Boaz</div>" in page
     assert "Section summaries (1 of 4)" in page and "Ruth gleans" in page
     assert "about" not in views.sections_html([{**section, "names": []}], "", "", "")  # none given, none shown
+
+
+def test_uneven_cascades_show_their_own_sizes():
+    # a real cache: 4 sinks + 10 window slots in 3 cascades of 4, 3 and 3 (the window does not split evenly)
+    from types import SimpleNamespace
+
+    import torch
+    from engine.cache import CacheConfig, make_cache
+
+    config = CacheConfig(sinks=4, window=10, cascades=3)
+    assert config.sizes == [4, 3, 3] and views.sizes_text(config.sizes) == "3-4"
+    cache = make_cache(config, SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=4), batch=1)
+    for _ in range(40):  # one token at a time, every token attended equally
+        plan = cache.plan(1)
+        k = torch.zeros(1, 1, 1, 4)
+        cache.push(0, plan, k, k, torch.ones(1, 1, 14), torch.ones(1, 1, 1))
+        cache.commit(plan)
+    retention = {"positions": cache.pos[0].numpy(), "cascade": cache.cascade_of_slot().numpy()}
+    rows = {r[0]: r[1] for r in views.occupancy_table(retention, 0, config.sizes, config.sinks)}
+    assert rows["cascade 0"] == "4/4" and rows["cascade 1"] == "3/3" and rows["cascade 2"] == "3/3"
+    assert "3 cascades of 3-4" in views.settings_note(config, 256)
