@@ -210,7 +210,8 @@ def test_retention_map_labels_are_text_that_fits(app_url, browser, tmp_path):
     page.click("#read")
     page.wait_for_selector("#progress [data-state=done]", timeout=300_000)
     page.get_by_role("tab", name="Retention").click()
-    page.wait_for_selector("#retention-map .rmap", timeout=20_000)
+    # the map itself, not the placeholder (also class rmap) that a slow computer shows first
+    page.wait_for_selector("#retention-map .rmap svg text", timeout=60_000)
     boxes = page.evaluate("""() => [...document.querySelectorAll('#retention-map text')].map(t => {
         const r = t.getBoundingClientRect(); return {text: t.textContent, x0: r.left, x1: r.right, h: r.height}; })""")
     ticks = [b for b in boxes if b["text"][:1].isdigit()]

@@ -28,6 +28,9 @@ def test_section_summary_progress_stop_and_sources(app_url, browser):
     assert page.inner_text("#summary .section[data-index='0'] h4") == "Chapter 1"
     about = page.inner_text("#summary .section[data-index='0'] .names")  # who the section is about
     assert about.startswith("about ") and "Naomi" in about, about
+    # stop once section 2 has begun (on a busy computer the click could overtake its progress note)
+    page.wait_for_function("() => /Section 2 of 3/.test((document.querySelector('#summary .note') || {}).innerText || '')",
+                           timeout=150_000)
     page.click("#sum-stop")
     page.wait_for_selector("#summary :text('Stopped. Kept the')", timeout=150_000)
     note = page.inner_text("#summary .note")
