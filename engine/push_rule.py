@@ -37,11 +37,11 @@ from __future__ import annotations
 
 
 class OracleCascade:
-    def __init__(self, sinks: int, window: int, cascades: int, beta: float, block: int = 1,
-                 sizes: list[int] | None = None, block_score: str = "max"):
-        self.S, self.W, self.beta, self.b = sinks, window, beta, block
+    def __init__(self, sinks: int, sizes: list[int], beta: float, block: int = 1, block_score: str = "max"):
+        """sizes: the slots of each cascade, newest first (`CacheConfig.sizes`); the window is their sum."""
+        self.S, self.W, self.beta, self.b = sinks, sum(sizes), beta, block
         self.block_score = block_score
-        self.sizes = sizes or [window // cascades] * cascades
+        self.sizes = sizes
         self.sinks: list[dict] = []
         self.rings: list[list[list[dict]]] = [[] for _ in self.sizes]  # per cascade: blocks, oldest first
         self.seen = 0

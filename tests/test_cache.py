@@ -115,7 +115,7 @@ def test_matches_literal_oracle_and_invariants(sinks, w, cascades, block, sizes_
     assert cfg.sizes == sizes
     cache = make_cache(cfg, model_config(kv_heads=2), batch=2)
     gen = torch.Generator().manual_seed(seed)
-    oracles = [[OracleCascade(sinks, window, cascades, beta, block, sizes, block_score) for _ in range(2)]
+    oracles = [[OracleCascade(sinks, sizes, beta, block, block_score) for _ in range(2)]
                for _ in range(2)]
     first_sinks = None
     for L in lengths:

@@ -104,7 +104,6 @@ def _push_level_kernel(
                     s_blk += tl.where(t_ok, s_tok, 0.0)
                 else:
                     s_blk = tl.maximum(s_blk, s_tok)
-            s_blk = tl.where(ok, s_blk, float("-inf"))
             better = ok & (s_blk >= best_s)
             best_s = tl.where(better, s_blk, best_s)
             best_b = tl.where(better, blk, best_b)
