@@ -114,6 +114,7 @@ def read_and_ask(loaded, config: CacheConfig, args: dict) -> dict:
         "peak_rss_mb": read.peak_rss_mb, "cascades": session.config.cascades,
         "passages": len(session.index.passages), "index_mb": session.index.nbytes_on_disk() / 2 ** 20,
         "question": args["question"], "answer": answer, "first_token_seconds": a.first_token_seconds,
+        "answer_tokens": a.tokens, "answer_seconds": a.seconds,
         "recalled": [d["label"] for d in a.recalled],
     }
 
