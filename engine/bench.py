@@ -111,7 +111,7 @@ def read_and_ask(loaded, config: CacheConfig, args: dict) -> dict:
         "index_seconds": seconds - read.seconds, "tokens_per_second": read.doc_tokens / read.seconds,
         "first_quarter_tps": along["first_quarter_tps"], "last_quarter_tps": along["last_quarter_tps"],
         "rss_mb_at_quarters": along["rss_mb_at_quarters"],
-        "peak_rss_mb": read.peak_rss_mb, "cascades": session.config.cascades,
+        "peak_rss_mb": read.peak_rss_mb, "cascades": session.config.cascades, "stride": session.stride,
         "passages": len(session.index.passages), "index_mb": session.index.nbytes_on_disk() / 2 ** 20,
         "question": args["question"], "answer": answer, "first_token_seconds": a.first_token_seconds,
         "answer_tokens": a.tokens, "answer_seconds": a.seconds,
@@ -202,7 +202,7 @@ def worker(args: dict) -> dict:
         # process peak (includes loading the model) and the peak seen while reading
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_mb": rss_reading / 2 ** 20, "rss_after_load_mb": rss0,
-        "cache_slots": config.slots if policy != "ceiling" else 0,
+        "cache_slots": config.slots if policy != "ceiling" else 0, "stride": engine.stride,
         "threads": torch.get_num_threads(), "thread_probes_ms": threads.report()["thread_probes_ms"],
         "device": str(device), "peak_memory_mb": peak_memory_mb(device), "warmup_seconds": warmup_seconds,
     }
@@ -218,8 +218,8 @@ def run_read_bench(args) -> dict:
     for policy in args.policies:  # bad settings fail here, in one line, before any worker starts
         CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades, block=args.block,
                     cascade_sizes=args.cascade_sizes, contest=args.contest, block_score=args.block_score)
-    if args.stride < 1 or any(n < 1 for n in args.lengths):
-        raise UserError("bench: --stride and --lengths must be >= 1")
+    if (args.stride != "auto" and args.stride < 1) or any(n < 1 for n in args.lengths):
+        raise UserError("bench: --stride and --lengths must be >= 1 (--stride may be auto)")
     for dtype in args.dtypes:
         for length in sorted(args.lengths):
             for policy in policies:

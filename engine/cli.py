@@ -15,8 +15,8 @@ from .devices import parse_device, peak_rss_mb
 from .errors import Cancelled, UserError
 
 
-def cascades_arg(text: str) -> int | str:
-    """A --cascades option: an integer or 'auto' (argparse prints the error in one line)."""
+def int_or_auto(text: str) -> int | str:
+    """A --cascades or --stride option: an integer or 'auto' (argparse prints the error in one line)."""
     if text == "auto":
         return text
     try:
@@ -32,12 +32,14 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2 (default), a model folder, a .gguf file or a hub id")
     p.add_argument("--policy", default=d.policy, choices=["cascade", "sink", "full"])
     p.add_argument("--window", type=int, default=d.window, help="non-sink slots per layer")
-    p.add_argument("--cascades", type=cascades_arg, default="auto",
+    p.add_argument("--cascades", type=int_or_auto, default="auto",
                    help="cascades, or auto (default): the fewest whose span covers the document")
     p.add_argument("--sinks", type=int, default=d.sinks)
     p.add_argument("--beta", type=float, default=d.beta, help="EMA factor of attention scores")
     add_layout_options(p)
-    p.add_argument("--stride", type=int, default=512, help="tokens per chunk while reading")
+    p.add_argument("--stride", type=int_or_auto, default="auto",
+                   help="tokens per chunk while reading, or auto (default): 512 on the CPU, 4096 on a GPU (fewer "
+                        "if the model's positions need it)")
     p.add_argument("--rope", choices=["cache", "original"], default=d.rope,
                    help="RoPE positions: inside the cache (default) or original stream positions (ablation)")
     p.add_argument("--prompt", choices=["chat", "plain"], default=None,
@@ -151,8 +153,8 @@ def open_session(args, read: bool = True):
 
     config = cache_config(args)  # validate options before the slow model load
     answering = answer_settings(args)
-    if args.stride < 1:
-        raise UserError(f"stride must be >= 1, not {args.stride}")
+    if args.stride != "auto" and args.stride < 1:
+        raise UserError(f"stride must be >= 1 or auto, not {args.stride}")
     check_request(getattr(args, "question", None), getattr(args, "max_new_tokens", 1),
                   getattr(args, "temperature", 0.0))
     if args.save:

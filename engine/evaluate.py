@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cache import POLICIES, CacheConfig
-from .cli import add_layout_options, cascades_arg
+from .cli import add_layout_options, int_or_auto
 from .errors import UserError
 from .recall import NARROW_TOKENS, ORDERS
 
@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
         p.add_argument("--window", type=int, default=None if qa else 512 if name == "ppl" else 256,
                        help="non-sink slots per layer (cascade and sink get the same budget)")
         p.add_argument("--sinks", type=int, default=64)
-        p.add_argument("--cascades", type=cascades_arg, default=None if qa else "auto" if name == "passkey" else 4,
+        p.add_argument("--cascades", type=int_or_auto, default=None if qa else "auto" if name == "passkey" else 4,
                        help="an integer or auto (passkey's default: the span covers each case's prompt)")
         p.add_argument("--stride", type=int, default=None if qa else 256, help="chunk length for reading")
         p.add_argument("--beta", type=float, default=None, help="score EMA factor (default: the cache's, 0.9999)")

@@ -164,12 +164,13 @@ def check_request(question: str | None, max_new_tokens: int, temperature: float 
 
 
 class ReadingSession:
-    def __init__(self, loaded: LoadedModel, config: CacheConfig, stride: int = 512,
+    def __init__(self, loaded: LoadedModel, config: CacheConfig, stride: int | str = "auto",
                  prompt: str | None = None, answering: AnswerSettings | None = None):
         self.requested = config  # may say cascades="auto"; resolved for each document
+        self.requested_stride = stride  # may say "auto": the device's stride (engine.runtime.auto_stride)
         self.config = config.resolve(0) if config.cascades == "auto" else config
         self.engine = Engine(loaded, self.config, stride)
-        self.loaded, self.stride = loaded, stride
+        self.loaded, self.stride = loaded, self.engine.stride
         self.answering = answering or AnswerSettings()
         self.format: PromptFormat = prompt_format(loaded.tokenizer, prompt or loaded.prompt_format, loaded.bos)
         self.document: documents.Document | None = None
@@ -719,6 +720,9 @@ class ReadingSession:
             wanted["cascades"] = man["config"].get("cascades")
         # options added since a snapshot was saved had the values of the paper's rule when it was read
         saved = {**CacheConfig().to_dict(), **BEFORE_OPTIONS, **man["config"]}
+        if self.requested_stride == "auto" and man["stride"] != self.stride:
+            # any stride fits "auto": a snapshot read on a GPU (4,096) loads on a CPU (512) and back
+            self.stride, self.engine = man["stride"], Engine(self.loaded, self.config, man["stride"])
         if saved != wanted or man["stride"] != self.stride or man["prompt"] != self.format.name:
             raise UserError(f"{man_path}: made with other cache settings ({man['config']}, stride {man['stride']}, "
                             f"prompt {man['prompt']}); use the same settings to load it")

@@ -38,7 +38,7 @@ def cases(doc, tmp):
         ([*ask, "--temperature", -1], "temperature must be >= 0"),
         ([*ask, "--temperature", "nan"], "temperature must be >= 0"),
         ([*ask, "--save", tmp / "a-file" / "snap"], "is a file, not a folder"),
-        ([*ask, "--stride", 0], "stride must be >= 1"),
+        ([*ask, "--stride", 0], "stride must be >= 1 or auto, not 0"),
         ([*ask, "--window", 0], "window must be >= 1"),
         ([*ask, "--window", 2, "--cascades", 3], "window (2) is too small for 3 cascades"),
         ([*ask, "--window", 250, "--block", 16], "window (250) must be a multiple of the block (16)"),

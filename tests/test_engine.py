@@ -1,5 +1,7 @@
 """The engine on a tiny random Llama: exactness, chunking, scores, decoding, memory bounds."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from conftest import reference_logits
 from engine.attention import apply_rope, chunk_attention, query_weights
 from engine.cache import CacheConfig
 from engine.errors import Cancelled, UserError
-from engine.runtime import Engine
+from engine.runtime import Engine, auto_stride
 
 
 def read_logits(engine, ids, stride):
@@ -268,6 +270,25 @@ def test_memory_is_independent_of_length(tiny_llama):
 def test_bad_stride_is_a_user_error(tiny_llama):
     with pytest.raises(UserError, match="stride"):
         Engine(tiny_llama, CacheConfig(), stride=0)
+    with pytest.raises(UserError, match="stride must be >= 1 or auto, not fast"):
+        Engine(tiny_llama, CacheConfig(), stride="fast")
+
+
+def test_auto_stride_follows_the_device_and_fits_the_models_positions(tiny_llama):
+    config = CacheConfig(sinks=64, window=512)
+    model_config = copy.deepcopy(tiny_llama.model.config)
+    model_config.max_position_embeddings = 8192
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device's type is read: no GPU needed
+    assert auto_stride(cpu, model_config, config) == 512
+    assert auto_stride(cuda, model_config, config) == 4096  # 64 + 512 + 4096 fit in 8192
+    model_config.max_position_embeddings = 4096
+    assert auto_stride(cuda, model_config, config) == 2048  # 64 + 512 + 4096 do not fit; 2048 does
+    model_config.sliding_window = 2047  # a sliding window on every layer (Phi-3-mini-4k) binds first
+    assert auto_stride(cuda, model_config, config) == 1024
+    model_config.sliding_window, model_config.max_position_embeddings = None, 600
+    assert auto_stride(cuda, model_config, config) == 512  # never below 512: too small a model is refused elsewhere
+    engine = Engine(tiny_llama, config, stride="auto")
+    assert engine.stride == auto_stride(engine.device, tiny_llama.model.config, config)
 
 
 def test_rope_original_ablation(tiny_llama):

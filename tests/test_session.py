@@ -42,6 +42,20 @@ def test_snapshot_round_trip_gives_identical_answers(read_session, smollm2, tmp_
     assert [(c.token, c.label) for c in loaded.answers[-1].citations] == cites
 
 
+def test_auto_stride_loads_a_snapshot_read_at_any_stride(read_session, smollm2, tmp_path):
+    """A snapshot read on a GPU (stride 4,096) must load on a CPU (512) and back: "auto" takes the
+    snapshot's stride, as cascades auto takes its cascades. An explicit other stride is still refused."""
+    first = "".join(read_session.ask(QUESTION, max_new_tokens=12))
+    base = read_session.save(tmp_path / "snap")  # read at stride 256
+    auto = ReadingSession(smollm2, CONFIG)
+    assert auto.stride == 512  # auto on the CPU
+    auto.load(base)
+    assert auto.stride == auto.engine.stride == 256
+    assert "".join(auto.ask(QUESTION, max_new_tokens=12)) == first
+    with pytest.raises(UserError, match="stride 256"):
+        ReadingSession(smollm2, CONFIG, stride=512).load(base)
+
+
 def test_snapshot_refuses_other_settings_and_models(read_session, smollm2, tmp_path):
     base = read_session.save(tmp_path / "snap")
     other = ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades=4), stride=256)
