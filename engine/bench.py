@@ -116,6 +116,7 @@ def read_and_ask(loaded, config: CacheConfig, args: dict) -> dict:
         "question": args["question"], "answer": answer, "first_token_seconds": a.first_token_seconds,
         "answer_tokens": a.tokens, "answer_seconds": a.seconds,
         "recalled": [d["label"] for d in a.recalled],
+        "peak_memory_mb": session.device_report()["peak_memory_mb"],  # CPU: the process's RSS; CUDA: allocated
     }
 
 

@@ -2,7 +2,8 @@
 # The GPU check, in one run on a machine with an NVIDIA GPU: the kernel tests compiled (not
 # interpreted) against the torch reference, the engine, architecture and device tests on CUDA, the
 # kernel benchmark (8k..1M tokens, cascade strided prefill vs flash attention over the whole prompt),
-# a reading benchmark on the GPU, and an end-to-end `ask` over the whole KJV (about 1M tokens).
+# a reading benchmark on the GPU, a profile of a chunk at strides 512 and 4096, and an end-to-end `ask` over
+# the whole KJV (about 1M tokens).
 # Results: results/gpu/*.json and *.png (summary.json says what ran, passed, failed or was skipped).
 #
 #   bash scripts/gpu_check.sh
@@ -117,7 +118,18 @@ else
   step read_bench failed "$(tail -n 3 "$OUT/read_bench.log")"
 fi
 
-# 5. End to end: ask about the whole KJV (about 1M tokens) on the GPU.
+# 4b. Where a chunk's time goes on the GPU, at the CPU's stride and at the GPU's (--stride auto): on an H100
+# a 512-token chunk was mostly Python and kernel launches (docs/gpu.md)
+for s in 512 4096; do
+  if limit "$PY" scripts/profile_read.py --window 512 --stride "$s" --tokens 1048576 --warm 4 --chunks 4 --device cuda \
+      --model "$MODEL" --out "$OUT/profile" >"$OUT/profile_s$s.log" 2>&1; then
+    step "profile_stride_$s" ok "$(grep -A10 '"settings"' "$OUT/profile_s$s.log")"
+  else
+    step "profile_stride_$s" failed "$(tail -n 3 "$OUT/profile_s$s.log")"
+  fi
+done
+
+# 5. End to end: ask about the whole KJV (about 1M tokens) on the GPU, with the defaults (stride auto).
 TEXT=$(mktemp -d)/kjv.txt
 if "$PY" -c "import sys; from engine.corpus import kjv_text; open(sys.argv[1], 'w').write(kjv_text())" "$TEXT" \
     2>"$OUT/ask_1m.log"; then
