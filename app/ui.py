@@ -31,7 +31,7 @@ from engine.cache import CacheConfig
 from engine.devices import parse_device
 from engine.errors import Cancelled, UserError
 from engine.models import PACKAGED, load_model
-from engine.runtime import AUTO_STRIDE, MIN_AUTO_STRIDE
+from engine.runtime import device_stride
 from engine.session import ReadingSession, retention_of
 from engine.summaries import SECTION_TOKENS, summarize_sections
 
@@ -787,7 +787,7 @@ def css() -> str:
 
 def build_app(default_model: str = "smollm2") -> gr.Blocks:
     d = CacheConfig()
-    device_stride = AUTO_STRIDE.get((DEVICE or parse_device("auto")).type, MIN_AUTO_STRIDE)  # --stride auto's start
+    stride_start = device_stride(DEVICE or parse_device("auto"))  # --stride auto's start on this device
     with gr.Blocks(title="Cascade Reader") as demo:
         st = gr.State(new_state)  # filled by `restore` on page load with this browser's session
         # survives reloads (localStorage) and, with a secret kept on disk, server restarts
@@ -813,10 +813,10 @@ def build_app(default_model: str = "smollm2") -> gr.Blocks:
                                               info="auto: the fewest whose span covers the document")
                     with gr.Row():
                         sinks = gr.Number(d.sinks, label="sinks", precision=0, elem_id="sinks")
-                        stride = gr.Number(device_stride, label="stride (tokens per chunk)", precision=0,
+                        stride = gr.Number(stride_start, label="stride (tokens per chunk)", precision=0,
                                            elem_id="stride", info="512 on a CPU, 4,096 on a GPU: a GPU reads faster "
                                                                   "in longer chunks")
-                    settings_msg = gr.Markdown(views.settings_note(replace(d, cascades="auto"), device_stride),
+                    settings_msg = gr.Markdown(views.settings_note(replace(d, cascades="auto"), stride_start),
                                                elem_id="settings-msg")
                     gr.Markdown(f"device: **{DEVICE or parse_device('auto')}** (start with `launch.py --device "
                                 "cpu|cuda[:N]` to change it)", elem_id="device")

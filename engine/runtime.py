@@ -369,11 +369,16 @@ AUTO_STRIDE = {"cpu": 512, "cuda": 4096}
 MIN_AUTO_STRIDE = 512
 
 
+def device_stride(device: torch.device) -> int:
+    """The stride `--stride auto` starts from on this device (before fitting a model's positions)."""
+    return AUTO_STRIDE.get(device.type, MIN_AUTO_STRIDE)
+
+
 def auto_stride(device: torch.device, model_config, config: CacheConfig) -> int:
     """The device's stride, halved (not below MIN_AUTO_STRIDE) until sinks + window + stride, the farthest
     distance inside the cache while reading, fits the model: its sliding window where every layer has one,
     else the positions it was trained on."""
-    stride = AUTO_STRIDE.get(device.type, MIN_AUTO_STRIDE)
+    stride = device_stride(device)
     limit = sliding_everywhere(model_config) or int(getattr(model_config, "max_position_embeddings", 0) or 0)
     while limit and stride > MIN_AUTO_STRIDE and config.sinks + config.window + stride > limit:
         stride //= 2

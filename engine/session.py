@@ -720,12 +720,13 @@ class ReadingSession:
             wanted["cascades"] = man["config"].get("cascades")
         # options added since a snapshot was saved had the values of the paper's rule when it was read
         saved = {**CacheConfig().to_dict(), **BEFORE_OPTIONS, **man["config"]}
-        if self.requested_stride == "auto" and man["stride"] != self.stride:
-            # any stride fits "auto": a snapshot read on a GPU (4,096) loads on a CPU (512) and back
-            self.stride, self.engine = man["stride"], Engine(self.loaded, self.config, man["stride"])
-        if saved != wanted or man["stride"] != self.stride or man["prompt"] != self.format.name:
+        # any stride fits "auto": a snapshot read on a GPU (4,096) loads on a CPU (512) and back
+        stride_fits = self.requested_stride == "auto" or man["stride"] == self.stride
+        if saved != wanted or not stride_fits or man["prompt"] != self.format.name:
             raise UserError(f"{man_path}: made with other cache settings ({man['config']}, stride {man['stride']}, "
                             f"prompt {man['prompt']}); use the same settings to load it")
+        if man["stride"] != self.stride:  # only under "auto"; checked before anything changes
+            self.stride, self.engine = man["stride"], Engine(self.loaded, self.config, man["stride"])
         doc = man["document"]
         document = documents.Document(path=doc["path"], kind=doc["kind"], title=doc["title"], sha256=doc["sha256"],
                                       segments=[documents.Segment(s["text"], s["label"], s["meta"]) for s in doc["segments"]])

@@ -54,6 +54,10 @@ def test_auto_stride_loads_a_snapshot_read_at_any_stride(read_session, smollm2, 
     assert "".join(auto.ask(QUESTION, max_new_tokens=12)) == first
     with pytest.raises(UserError, match="stride 256"):
         ReadingSession(smollm2, CONFIG, stride=512).load(base)
+    refused = ReadingSession(smollm2, CacheConfig(sinks=64, window=512, cascades=4))  # auto, other window
+    with pytest.raises(UserError, match="other cache settings"):
+        refused.load(base)
+    assert refused.stride == refused.engine.stride == 512  # a refused snapshot changes nothing
 
 
 def test_snapshot_refuses_other_settings_and_models(read_session, smollm2, tmp_path):
