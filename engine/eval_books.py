@@ -21,7 +21,7 @@ import numpy as np
 
 from .bench import ReadTrace
 from .errors import UserError
-from .evaluate import Results, _plt, _say, _settings, qa_defaults, sign_test, wilson
+from .evaluate import Results, _plt, _say, _settings, qa_defaults, resolve_stride, sign_test, wilson
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "assets" / "eval" / "books_qa.json"
 
@@ -114,6 +114,7 @@ def run_books(args) -> dict:
     penalty_from = answering.repetition_penalty_from if answering.repetition_penalty > 1.0 else 0
     data = load_set()
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
+    resolve_stride(args, loaded)
     prompt = args.prompt or loaded.prompt_format
     out = Path(args.out)
     results = Results(out / "books.jsonl")

@@ -58,7 +58,9 @@ def add_arguments(parser) -> None:
         p.add_argument("--sinks", type=int, default=64)
         p.add_argument("--cascades", type=int_or_auto, default=None if qa else "auto" if name == "passkey" else 4,
                        help="an integer or auto (passkey's default: the span covers each case's prompt)")
-        p.add_argument("--stride", type=int, default=None if qa else 256, help="chunk length for reading")
+        p.add_argument("--stride", type=int_or_auto if qa else int, default=None if qa else 256,
+                       help="chunk length for reading" + (" (books: auto, the product's default, as in `engine ask`)"
+                                                          if qa else ""))
         p.add_argument("--beta", type=float, default=None, help="score EMA factor (default: the cache's, 0.9999)")
         add_layout_options(p)
         p.add_argument("--head-reduce", choices=["max", "mean"], default=None,
@@ -101,8 +103,8 @@ def add_arguments(parser) -> None:
             p.add_argument("--new-tokens", type=int, default=None, help="answer length limit (24; books: 48)")
             p.add_argument("--set", choices=["synthetic", "books"], default="synthetic",
                            help="synthetic facts in KJV text (window 256, 4 cascades, stride 256), or natural "
-                                "questions over whole books (assets/eval/books_qa.json; window 2048, cascades "
-                                "auto, stride 512)")
+                                "questions over whole books (assets/eval/books_qa.json; the product's defaults: "
+                                "window 512, cascades auto, stride auto)")
             p.add_argument("--recall", nargs="+", choices=["on", "off"], default=None,
                            help="recall settings to run (synthetic: off; books: on off)")
             p.add_argument("--recall-tokens", type=int, default=384, help="recall budget (tokens)")
@@ -124,8 +126,9 @@ def add_arguments(parser) -> None:
                            help="books: penalty on tokens the answer already used (1 = off; default: the engine's)")
             p.add_argument("--books", nargs="+", default=None, help="books: which books of the set (default: all)")
             p.add_argument("--limit", type=int, default=None, help="books: first N questions per book")
-            p.add_argument("--references", nargs="+", choices=["none", "oracle"], default=["none", "oracle"],
-                           help="books: reference rows (no document; full attention over only the answer's passages)")
+            p.add_argument("--references", nargs="*", choices=["none", "oracle"], default=["none", "oracle"],
+                           help="books: reference rows (no document; full attention over only the answer's "
+                                "passages); none given: no reference rows")
             p.add_argument("--bible", action="store_true",
                            help="books: the whole KJV (~1M tokens) as one document, with the set's Bible questions")
     from .eval_summary import add_parser
@@ -135,7 +138,8 @@ def add_arguments(parser) -> None:
 
 
 def _check_args(args) -> None:
-    if args.window < 1 or args.sinks < 0 or args.stride < 1 or (args.cascades != "auto" and args.cascades < 1):
+    if (args.window < 1 or args.sinks < 0 or (args.stride != "auto" and args.stride < 1)
+            or (args.cascades != "auto" and args.cascades < 1)):
         raise UserError("window, cascades and stride must be >= 1 and sinks >= 0")
     for policy in args.policies:
         _config(args, policy)  # the cache options themselves (sizes, blocks) fail here, in one line
@@ -784,10 +788,21 @@ def qa_draw(seed: int, length: int, band: int, sample: int, facts: int) -> tuple
 def qa_defaults(args) -> None:
     """Fill the qa options left unset with the defaults of its --set."""
     books = getattr(args, "set", "synthetic") == "books"
-    for field, synthetic, book in (("window", 256, 2048), ("cascades", 4, "auto"), ("stride", 256, 512),
+    # books: the product's own defaults (the window of CacheConfig, stride auto resolved once the model's device is known)
+    for field, synthetic, book in (("window", 256, 512), ("cascades", 4, "auto"), ("stride", 256, "auto"),
                                    ("new_tokens", 24, 48), ("recall", ["off"], ["on", "off"])):
         if getattr(args, field, None) is None:
             setattr(args, field, book if books else synthetic)
+
+
+def resolve_stride(args, loaded) -> None:
+    """`--stride auto`: the number `engine ask` would read with on this device and model, so every row's
+    case records the stride that ran (4,096 on a GPU, 512 on the CPU; runtime.auto_stride)."""
+    if args.stride == "auto":
+        from .runtime import auto_stride
+
+        config = CacheConfig(policy="cascade", sinks=args.sinks, window=args.window)
+        args.stride = auto_stride(next(loaded.model.parameters()).device, loaded.model.config, config)
 
 
 def run_qa(args) -> dict:
@@ -796,6 +811,7 @@ def run_qa(args) -> dict:
     qa_defaults(args)
     _check_args(args)
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
+    resolve_stride(args, loaded)
     for recall in args.recall:
         summary = run_qa_grid(args, loaded, recall)
     return summary

@@ -556,6 +556,26 @@ def test_book_eval_runs_recall_on_and_off_and_resumes(use_tiny, tmp_path):
     assert all(r["case"].get("repetition_penalty") != 1.2 for r in rows)
 
 
+def test_book_eval_defaults_are_the_products(tiny):
+    """`eval qa --set books` with no layout options reads as `engine ask` would: the engine's window and
+    the stride `--stride auto` gives a session on this device; `--references` alone asks for no reference rows."""
+    import argparse
+
+    from engine import evaluate
+    from engine.session import ReadingSession
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["qa", "--set", "books", "--references"])
+    evaluate.qa_defaults(args)
+    assert args.window == CacheConfig().window and args.stride == "auto" and args.references == []
+    evaluate.resolve_stride(args, tiny)
+    session = ReadingSession(tiny, CacheConfig(sinks=args.sinks, window=args.window), stride="auto")
+    assert isinstance(args.stride, int) and args.stride == session.stride
+    with pytest.raises(SystemExit):  # a stride is auto or a whole number
+        parser.parse_args(["qa", "--set", "books", "--stride", "fast"])
+
+
 def test_recalled_passages_are_framed_for_chat_and_left_bare_for_a_base_model(tiny):
     """A chat model is told what the recalled passages are; a base model (plain format) reads them
     bare (Gemma-3 answered 4 of 17 Exodus questions with the framing words, 8 without)."""
