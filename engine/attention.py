@@ -99,6 +99,7 @@ def chunk_attention(
     weights: torch.Tensor | None = None,  # [L] fp32 query weights; None: no scores wanted
     head_reduce: str = "max",
     bias: torch.Tensor | None = None,  # [slots] precomputed mask_bias (shared by layers)
+    bias_known: bool = False,  # `bias` was computed already (None then means every slot is filled)
     window_bias: torch.Tensor | None = None,  # [L, slots + L] additive mask of a sliding-window layer
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns (out [batch, q_heads, L, head_dim], cache_score [batch, kv_heads, slots] fp32,
@@ -117,7 +118,7 @@ def chunk_attention(
     if window_bias is not None:
         raise ValueError("window_bias is only supported without scores")
 
-    if bias is None:
+    if bias is None and not bias_known:  # asking the device whether every slot is filled costs a sync
         bias = mask_bias(cache_valid, length, group)  # [slots] or None when the cache is full
     # Logits, probabilities and the per-block score sums stay in the inputs' dtype: a bfloat16 bmm
     # rounds its logits to bfloat16 anyway, softmax computes in float32 inside and only rounds its

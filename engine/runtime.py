@@ -122,7 +122,7 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     out, cache_score, chunk_score = kernels.chunk_attention(
         *attend[:3], part.plan.cache_valid, *attend[3:], scaling or module.scaling,
         weights=part.weights, head_reduce=part.cache.config.head_reduce, bias=part.bias,
-        window_bias=part.window_bias)
+        bias_known=part.bias_ready, window_bias=part.window_bias)
     n = part.plan.length  # rows past it are focus rows (Engine.forward): they add to scores, never stay
     if chunk_score is not None:
         chunk_score = chunk_score[..., :n]

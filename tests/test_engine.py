@@ -302,3 +302,23 @@ def test_rope_original_ablation(tiny_llama):
     a, ca = read_logits(Engine(tiny_llama, CacheConfig(**small), stride=64), ids, 64)
     b, cb = read_logits(Engine(tiny_llama, CacheConfig(**small, rope="original"), stride=64), ids, 64)
     assert torch.allclose(a[:, :36], b[:, :36], atol=1e-4) and not torch.allclose(a[:, -64:], b[:, -64:], atol=1e-3)
+
+
+def test_read_trace_cuts_quarters_by_tokens():
+    """A read's flatness is measured over quarters of its tokens: a book of 8 strides of 4,096 whose rest is
+    read in power-of-two chunks (runtime.tail_chunks) at one second per forward, whatever its length,
+    has a last quarter of ~8k tokens, not the last few chunks' ~100 (it reported 4 tok/s on a GPU)."""
+    from engine.bench import ReadTrace
+    from engine.runtime import ReadProgress, tail_chunks
+
+    trace, read = ReadTrace(), 0
+    lengths = [4096] * 8 + tail_chunks(1365, 4096)
+    for i, n in enumerate(lengths):
+        read += n
+        trace(ReadProgress(read, None, float(i + 1)))
+    s = trace.summary()
+    assert s["tokens"] == 8 * 4096 + 1365
+    assert s["first_quarter_tps"] == 4096  # samples 0 -> 2: two strides in two seconds
+    # from the last sample before 3/4 of the tokens (6 strides) to the end: 2 strides and the rest, in 2 + 6 s
+    assert s["last_quarter_tps"] == (2 * 4096 + 1365) / (len(lengths) - 6)
+    assert len(s["rss_mb_at_quarters"]) == 4
