@@ -349,7 +349,6 @@ class ReadingSession:
         cache_memory = memory_of(cache)
         if recalled and not (settings.memory_in_answer if keep_memory is None else keep_memory):
             cache_memory.hide_document(self.config.sinks, settings.recent_in_answer)
-        cache_memory.scored = n_citations > 0
         yield from self._generate(cache, ids, answer, max_new_tokens, temperature, top_p, should_stop, seed,
                                   n_citations, tail_doc=tail_doc, start=start,
                                   names=names if names is not None else self._answer_names(question, recalled), written=written,
@@ -490,11 +489,22 @@ class ReadingSession:
                  if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
         memory = memory_of(cache)
         memory = memory if isinstance(memory, FrozenMemory) else None
+        counted = n_citations > 0  # citations count the answer's attention only, never the prompt's
+
+        def start_counting() -> None:
+            memory.scored = counted
+            memory.reset_scores()
+
+        if memory is not None:
+            # The prompt (recalled passages, question) is read without score sums: they would be reset
+            # after it anyway, and without them its attention takes the fast path (`chunk_attention`'s
+            # weights=None): the first token comes sooner. Summaries (no citations) never count.
+            memory.scored = False
         start = start or time.perf_counter()
         ids, shown = [], ""
         for token in self.engine.generate(cache, prompt_ids, max_new_tokens, temperature, top_p, stops,
                                           should_stop, seed, logits_processor=self._processor(names, written, no_copy, summary),
-                                          after_prompt=memory.reset_scores if memory else None):
+                                          after_prompt=start_counting if memory else None):
             if not ids:
                 answer.first_token_seconds = time.perf_counter() - start
             ids.append(token)

@@ -345,3 +345,30 @@ def test_a_base_models_stream_never_shows_the_turn_word_its_answer_drops():
         assert visible_text("Jonah was angry.\nThen", plain) == ("Jonah was angry.\nThen", False)
         assert visible_text("a <document> in a line", plain) == ("a <document> in a line", False)
         assert visible_text("one\n< two\n<3", plain) == ("one\n< two\n<3", False)  # not a tag
+
+
+def test_a_prompt_is_read_without_score_sums_and_only_a_cited_answer_counts(tiny, monkeypatch):
+    """Citations count the answer's attention only, so the prompt (recalled passages, question) is read
+    on the fast path without score sums; the answer's tokens are scored only when citations are asked."""
+    from engine import kernels
+
+    session = ReadingSession(tiny, CacheConfig(sinks=8, window=64), stride=64)
+    session.read(documents.document_from_text(kjv_text()[:6000], "kjv"))
+    seen, attend = [], kernels.chunk_attention
+
+    def recording(q, *args, weights=None, **kwargs):
+        seen.append((q.shape[2], weights is not None))
+        return attend(q, *args, weights=weights, **kwargs)
+
+    monkeypatch.setattr(kernels, "chunk_attention", recording)
+    layers = tiny.model.config.num_hidden_layers
+    for n_citations in (3, 0):
+        seen.clear()
+        "".join(session.ask("Who made the heaven and the earth?", max_new_tokens=4, n_citations=n_citations))
+        answer = session.answers[-1]
+        assert answer.tokens == 4  # greedy on a random model: no end of turn in 4 tokens
+        cut = len(seen) - layers * (answer.tokens - 1)  # the last token's logits are never needed
+        prompt, decode = seen[:cut], seen[cut:]
+        assert sum(rows for rows, _ in prompt) > layers and not any(scored for _, scored in prompt)
+        assert decode and all(rows == 1 and scored == (n_citations > 0) for rows, scored in decode)
+        assert bool(answer.citations) == (n_citations > 0)
