@@ -2,8 +2,8 @@
 # The GPU check, in one run on a machine with an NVIDIA GPU: the kernel tests compiled (not
 # interpreted) against the torch reference, the engine, architecture and device tests on CUDA, the
 # kernel benchmark (8k..1M tokens, cascade strided prefill vs flash attention over the whole prompt),
-# a reading benchmark on the GPU, a profile of a chunk at strides 512 and 4096, and an end-to-end `ask` over
-# the whole KJV (about 1M tokens).
+# a reading benchmark on the GPU, a profile of a chunk at strides 512 and 4096, an end-to-end `ask` over
+# the whole KJV (about 1M tokens) and the book QA set at the GPU's defaults.
 # Results: results/gpu/*.json and *.png (summary.json says what ran, passed, failed or was skipped).
 #
 #   bash scripts/gpu_check.sh
@@ -143,6 +143,16 @@ else
   step ask_1m skipped "no KJV text: $(tail -n 1 "$OUT/ask_1m.log")"
 fi
 rm -rf "$(dirname "$TEXT")"
+
+# 6. Answer quality and the first token at the GPU's defaults: the book QA set (99 questions over Exodus,
+# 1 Samuel and Judges), recall on and off, no reference rows (docs/gpu.md: 44/99 on an H100, first token 1.2x
+# with recall). Resumable: a second run of this script finishes what a step timeout left.
+if limit "$PY" -m engine eval qa --set books --policies cascade --recall on off --references --device cuda \
+    --model "$MODEL" --out "$OUT/books" >"$OUT/books.log" 2>&1; then
+  step books_qa ok "$(head -n 14 "$OUT/books/books.md")"
+else
+  step books_qa failed "$(tail -n 3 "$OUT/books.log")"
+fi
 
 "$PY" - "$STEPS" >"$OUT/summary.json" <<'EOF'
 import json, sys
