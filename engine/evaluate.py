@@ -788,9 +788,9 @@ def qa_draw(seed: int, length: int, band: int, sample: int, facts: int) -> tuple
 def qa_defaults(args) -> None:
     """Fill the qa options left unset with the defaults of its --set."""
     books = getattr(args, "set", "synthetic") == "books"
-    # books: the product's own defaults (the window of CacheConfig, stride auto resolved once the model's device is known)
-    for field, synthetic, book in (("window", 256, CacheConfig().window), ("cascades", 4, "auto"), ("stride", 256, "auto"),
-                                   ("new_tokens", 24, 48), ("recall", ["off"], ["on", "off"])):
+    # books: the product's own defaults (CacheConfig's window; stride auto, resolved once the model's device is known)
+    for field, synthetic, book in (("window", 256, CacheConfig().window), ("cascades", 4, "auto"),
+                                   ("stride", 256, "auto"), ("new_tokens", 24, 48), ("recall", ["off"], ["on", "off"])):
         if getattr(args, field, None) is None:
             setattr(args, field, book if books else synthetic)
 
