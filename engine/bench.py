@@ -87,10 +87,10 @@ class ReadTrace:
         def rate(a, b):  # tokens per second between two samples
             return float((tokens[b] - tokens[a]) / max(secs[b] - secs[a], 1e-9))
 
-        return {"tokens": int(tokens[-1]), "read_seconds": float(secs[-1]),
-                "tokens_per_second": float(tokens[-1] / secs[-1]),
-                "first_quarter_tps": rate(0, max(q[0], 1)) if n else float(tokens[-1] / secs[-1]),
-                "last_quarter_tps": rate(min(max(last, 0), n - 1), n) if n else float(tokens[-1] / secs[-1]),
+        overall = float(tokens[-1] / secs[-1])  # also each quarter's, for a read of one sample
+        return {"tokens": int(tokens[-1]), "read_seconds": float(secs[-1]), "tokens_per_second": overall,
+                "first_quarter_tps": rate(0, max(q[0], 1)) if n else overall,
+                "last_quarter_tps": rate(min(max(last, 0), n - 1), n) if n else overall,
                 "rss_mb_at_quarters": [round(float(rss[i]), 1) for i in (*q, n)]}
 
     def write(self, path: Path, **extra) -> dict:

@@ -526,7 +526,7 @@ class ReadingSession:
         answer.text = shown.replace("\ufffd", "").strip()
         answer.tokens, answer.seconds = len(ids), time.perf_counter() - start
         answer.stopped = bool(should_stop and should_stop())
-        if memory is not None and memory.scored and n_citations > 0:
+        if memory is not None and counted:
             answer.citations = self._citations(memory, n_citations, tail_doc)
 
     def _processor(self, names: SourceNames | None = None, written: list[int] | None = None,
