@@ -21,7 +21,7 @@ import numpy as np
 
 from .bench import ReadTrace
 from .errors import UserError
-from .evaluate import Results, _plt, _say, _settings, qa_defaults, resolve_stride, sign_test, wilson
+from .evaluate import Results, _check_args, _plt, _say, _settings, qa_defaults, resolve_stride, sign_test, wilson
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "assets" / "eval" / "books_qa.json"
 
@@ -99,6 +99,7 @@ def run_books(args) -> dict:
     from . import recall as rc
 
     qa_defaults(args)
+    _check_args(args)  # sizes and strides, in one line, before the model loads
     # built (and so checked) before the model loads
     if args.recall_best is None:
         args.recall_best = AnswerSettings.recall_best

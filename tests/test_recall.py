@@ -576,6 +576,24 @@ def test_book_eval_defaults_are_the_products(tiny):
         parser.parse_args(["qa", "--set", "books", "--stride", "fast"])
 
 
+def test_book_eval_refuses_bad_sizes_before_loading_a_model(monkeypatch, tmp_path):
+    """A zero stride or window is one line, before minutes of model loading (it came after them)."""
+    import argparse
+
+    import engine.models
+    from engine import evaluate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(engine.models, "load_model", no_load)
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    for bad in (["--stride", "0"], ["--window", "0"]):
+        with pytest.raises(UserError, match="must be >= 1"):
+            evaluate.main(parser.parse_args(["qa", "--set", "books", *bad, "--out", str(tmp_path)]))
+
+
 def test_recalled_passages_are_framed_for_chat_and_left_bare_for_a_base_model(tiny):
     """A chat model is told what the recalled passages are; a base model (plain format) reads them
     bare (Gemma-3 answered 4 of 17 Exodus questions with the framing words, 8 without)."""
