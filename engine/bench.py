@@ -29,7 +29,8 @@ def bench_tokens(tokenizer, n: int) -> list[int]:
     from .corpus import kjv_text
 
     ids: list[int] = []
-    text = kjv_text(max_chars=min(4_200_000, n * 6))
+    # at least a few verses: a cut below the first verse's length gave empty text and an endless loop
+    text = kjv_text(max_chars=min(4_200_000, max(n * 6, 4_096)))
     # Tokenize in line-aligned pieces, as document ingestion does: one call over the whole text leaves
     # a length-dependent transient (~20 MB at 64k tokens) in the RSS the benchmark attributes to reading.
     piece = 16_384

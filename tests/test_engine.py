@@ -322,3 +322,14 @@ def test_read_trace_cuts_quarters_by_tokens():
     # from the last sample before 3/4 of the tokens (6 strides) to the end: 2 strides and the rest, in 2 + 6 s
     assert s["last_quarter_tps"] == (2 * 4096 + 1365) / (len(lengths) - 6)
     assert len(s["rss_mb_at_quarters"]) == 4
+
+
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_bench_tokens_returns_short_lengths(n):
+    """`engine bench --ceiling-max 1` asked for one token of KJV text: the text cut to 6 characters was
+    empty (no whole verse fits) and the tokenizing loop never ended."""
+    from engine.bench import bench_tokens
+    from tiny_models import word_tokenizer
+
+    ids = bench_tokens(word_tokenizer(["In", "the", "beginning", "God"]), n)
+    assert len(ids) == n
