@@ -213,12 +213,14 @@ def parse_dtype(name: str | None, device: torch.device | str | None = None) -> t
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype | str | None = None,
-               say: Callable[[str], None] = print, device: torch.device | str | None = None) -> LoadedModel:
+               say: Callable[[str], None] = print, device: torch.device | str | None = None,
+               pack: bool = True) -> LoadedModel:
     """Load a model by spec: a packaged name, a local HF folder, a .gguf file, or a hub id.
 
     dtype: a torch dtype, "auto"/None (bfloat16 on CUDA or where the CPU supports it natively), or a name.
     device: "auto"/None (CUDA when available), "cpu", "cuda[:N]"; refused in one line before loading.
     The architecture is checked from the config before any weights are read.
+    pack: lay bfloat16 CPU linear weights out for oneDNN once (`packed.pack_linears`: same numbers, faster).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -259,5 +261,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype | str | None = None,
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model '{spec}': {first}") from None
     model.to(device).eval()
+    if pack:
+        from .packed import pack_linears
+
+        pack_linears(model)
     return LoadedModel(model=model, tokenizer=tok, spec=spec, model_id=model_id,
                        prompt_format=prompt_format or _prompt_format(tok), bos=_bos_text(tok) if bos is None else bos)
