@@ -76,4 +76,21 @@ def pack_linears(model: nn.Module) -> int:
                 if checked[shape]:
                     setattr(module, child_name, packed)
                     replaced += 1
+    if replaced:
+        release_freed_memory()
     return replaced
+
+
+def release_freed_memory() -> None:
+    """Hand the freed plain weights back to the system. They were freed in the middle of glibc's heap,
+    under packed ones allocated after them, and glibc keeps such holes: without this the process held
+    ~200 MB more after packing SmolLM2 (986 vs 788 MB; 717 MB unpacked). Other C libraries: nothing."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
