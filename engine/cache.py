@@ -712,7 +712,10 @@ class HybridCache(KVCache):
                                  device=device)
         self.layer_map = {layer: ("global", k) for k, layer in enumerate(glob)}
         self.layer_map.update({layer: ("sliding", k) for k, layer in enumerate(sliding)})
-        self.scored = self.main.scored
+
+    @property
+    def scored(self) -> bool:  # the sliding layers never contest; the global part decides
+        return self.main.scored
 
     @property
     def parts(self):

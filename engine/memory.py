@@ -195,7 +195,6 @@ def freeze(doc: KVCache, tail_slots: int, reuse: KVCache | None = None) -> KVCac
     if hybrid:
         out = copy.copy(doc)
         out.main, out.sliding = memory, doc.sliding.clone()
-        out.scored = True
         return out
     return memory
 
