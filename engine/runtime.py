@@ -113,16 +113,16 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         # once per forward, not per layer: `mask_bias` asks the device whether every slot is filled
         part.bias = mask_bias(part.plan.cache_valid, q.shape[2], q.shape[1] // k_res.shape[1])
         part.bias_ready = True
-    attend = (q, k_res, v_res, k_new, value)
+    compute_dtype = None
     if not part.cache.steady_shapes and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # oneDNN, which runs bfloat16 matmuls on CPU, keeps ~1 MB of state for every matrix shape it
         # meets and never frees it; where the slots change with every answer token that grew RSS by
         # ~100 MB per answer (measured). float32 matmuls keep no such state.
-        attend = tuple(t.float() for t in attend)
+        compute_dtype = torch.float32
     out, cache_score, chunk_score = kernels.chunk_attention(
-        *attend[:3], part.plan.cache_valid, *attend[3:], scaling or module.scaling,
+        q, k_res, v_res, part.plan.cache_valid, k_new, value, scaling or module.scaling,
         weights=part.weights, head_reduce=part.cache.config.head_reduce, bias=part.bias,
-        bias_known=part.bias_ready, window_bias=part.window_bias)
+        bias_known=part.bias_ready, window_bias=part.window_bias, compute_dtype=compute_dtype)
     n = part.plan.length  # rows past it are focus rows (Engine.forward): they add to scores, never stay
     if chunk_score is not None:
         chunk_score = chunk_score[..., :n]

@@ -333,3 +333,21 @@ def test_bench_tokens_returns_short_lengths(n):
 
     ids = bench_tokens(word_tokenizer(["In", "the", "beginning", "God"]), n)
     assert len(ids) == n
+
+
+@pytest.mark.parametrize("scored", [True, False])
+def test_compute_dtype_is_converting_the_inputs_first(scored):
+    """Answering on CPU attends in float32 over bfloat16 slots: the slots are converted while they are
+    joined with the chunk (`join_slots`, one pass), giving exactly what converting them first gives."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 3, 16, generator=g).bfloat16() for _ in range(3))
+    kc, vc = (torch.randn(1, 2, 40, 16, generator=g).bfloat16() for _ in range(2))
+    k, v = k[:, :2], v[:, :2]
+    valid = torch.ones(40, dtype=torch.bool)
+    valid[5:9] = False
+    weights = query_weights(3, 0.99) if scored else None
+    a = chunk_attention(q, kc, vc, valid, k, v, 0.25, weights=weights, compute_dtype=torch.float32)
+    b = chunk_attention(q.float(), kc.float(), vc.float(), valid, k.float(), v.float(), 0.25, weights=weights)
+    assert a[0].dtype == torch.float32
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or torch.equal(x, y)

@@ -51,15 +51,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling, weights=None, head_reduce="max",
-                    bias=None, window_bias=None, bias_known=False):
-    """Attention of a chunk over [cache | chunk] with exact per-key scores; see engine.attention."""
+                    bias=None, window_bias=None, bias_known=False, compute_dtype=None):
+    """Attention of a chunk over [cache | chunk] with exact per-key scores; see engine.attention.
+    compute_dtype: the torch path's arithmetic dtype (the output's too); Triton computes in fp32 anyway."""
     triton_attention = _triton("triton_attention", q)
     if triton_attention is not None:  # `bias` is redundant with cache_valid there
         return triton_attention.chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling,
                                                 weights=weights, head_reduce=head_reduce, window_bias=window_bias)
     return reference.chunk_attention(q, k_cache, v_cache, cache_valid, k_chunk, v_chunk, scaling,
                                      weights=weights, head_reduce=head_reduce, bias=bias, window_bias=window_bias,
-                                     bias_known=bias_known)
+                                     bias_known=bias_known, compute_dtype=compute_dtype)
 
 
 def cascade_push(cache, layer, plan, keys, values, cache_score, chunk_score) -> None:
