@@ -7,8 +7,9 @@ once per token, so that reorder is most of a small product's cost (a [1, 576] x 
 once, the same oneDNN kernel computes the same numbers (bit for bit, checked at load below) from the
 layout it wants. Reading gains ~5% (512-row products), answering ~20-25% a token.
 
-Only where the numbers are unchanged: bfloat16 on a CPU with native bfloat16. In float32 oneDNN's
-prepacked kernel sums in another order than torch's default (MKL), so answers could change.
+Only where the numbers are unchanged: bfloat16 weights on the CPU, each weight shape checked at load
+(`same_products`). In float32 oneDNN's prepacked kernel sums in another order than torch's default
+(MKL): logits moved by up to 8e-5, so answers could change, and float32 is left as it is.
 """
 
 from __future__ import annotations
