@@ -228,8 +228,9 @@ def run_read_bench(args) -> dict:
     for policy in args.policies:  # bad settings fail here, in one line, before any worker starts
         CacheConfig(policy=policy, sinks=args.sinks, window=args.window, cascades=args.cascades, block=args.block,
                     cascade_sizes=args.cascade_sizes, contest=args.contest, block_score=args.block_score)
-    if (args.stride != "auto" and args.stride < 1) or any(n < 1 for n in args.lengths):
-        raise UserError("bench: --stride and --lengths must be >= 1 (--stride may be auto)")
+    if (args.stride != "auto" and args.stride < 1) or any(n < 1 for n in args.lengths) \
+            or getattr(args, "ceiling_max", 1) < 1:
+        raise UserError("bench: --stride, --lengths and --ceiling-max must be >= 1 (--stride may be auto)")
     for dtype in args.dtypes:
         for length in sorted(args.lengths):
             for policy in policies:

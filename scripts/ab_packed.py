@@ -56,9 +56,9 @@ def main() -> None:
                         "read_tps": v["read_tps"], "decode_ms": v["decode_ms"]} for name, v in rows.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k in ("same_tokens",)} |
-                     {n: {"read": round(result[n]["median_read_tps"]), "decode_ms": round(result[n]["median_decode_ms"], 1)}
-                      for n in models}))
+    print(json.dumps({"same_tokens": result["same_tokens"],
+                      **{n: {"read": round(result[n]["median_read_tps"]),
+                             "decode_ms": round(result[n]["median_decode_ms"], 1)} for n in models}}))
 
 
 if __name__ == "__main__":

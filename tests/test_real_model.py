@@ -84,6 +84,7 @@ def test_cli_ask_json_contract(tmp_path):
     ("bin", ["ask", "{tmp}/data.bin", "-q", "x"], "data.bin"),
     (None, ["bench", "--window", "2", "--cascades", "3", "--out", "{tmp}/b"], "too small"),
     (None, ["bench", "--lengths", "0", "--out", "{tmp}/b"], "--lengths"),
+    (None, ["bench", "--ceiling-max", "0", "--out", "{tmp}/b"], "--ceiling-max"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, setup, args, needle):
     """In this process (`python -m engine` itself runs in test_cli_ask_json_contract): a new interpreter
