@@ -8,7 +8,15 @@ once, the same oneDNN kernel computes the same numbers (bit for bit, checked at 
 layout it wants. Reading gains ~5% (512-row products), answering ~20-25% a token.
 
 Only where the numbers are unchanged: bfloat16 weights on the CPU, each weight shape checked at load
-(`same_products`). In float32 oneDNN's prepacked kernel sums in another order than torch's default
+(`same_products`).
+
+Products of more than one row are padded to a multiple of ROW_STEP rows. oneDNN keeps state for
+every row count it meets (~3 MB per count over SmolLM2's layers, measured: +124 MB over 40 new
+counts), so a prompt read in one forward of any length would grow memory with every new question;
+padded, a prompt meets at most stride / ROW_STEP counts, warmed once after the first read
+(`session._warm_prompt_shapes`). A row's numbers do not depend on how many rows are in the product
+(checked at load: `same_products` compares padded products with unpadded F.linear), so the pad
+costs only its rows' work: at most ROW_STEP - 1 rows, ~7% of a 440-token recall prompt. In float32 oneDNN's prepacked kernel sums in another order than torch's default
 (MKL): logits moved by up to 8e-5, so answers could change, and float32 is left as it is.
 """
 
@@ -19,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 ROWS_HINT = 512  # oneDNN picks the blocking for products of about this many rows (a reading stride)
-CHECK_ROWS = (1, 7, 64, 512)  # row counts checked bit for bit against F.linear before packing
+CHECK_ROWS = (1, 7, 64, 100, 512)  # row counts checked bit for bit against F.linear before packing
+ROW_STEP = 64  # products of more than one row are padded to a multiple of this many rows
+
+
+def product(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's x W^T + b from a weight in its blocked layout. # [..., in] -> [..., out]"""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
 class PackedLinear(nn.Module):
@@ -35,14 +49,20 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        pad = -rows % ROW_STEP if rows > 1 else 0  # one row (a decoded token) is a single count already
+        if not pad:
+            return product(x, self.packed_weight, self.bias)
+        padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, pad))  # [rows + pad, in], zero rows
+        return product(padded, self.packed_weight, self.bias)[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
 def same_products(packed: PackedLinear, linear: nn.Linear) -> bool:
-    """Whether the packed layer computes F.linear's numbers bit for bit, on random rows of several counts."""
+    """Whether the packed layer computes F.linear's numbers bit for bit, on random rows of several counts
+    (7 and 100 are padded: this also checks that a row's numbers do not depend on the product's rows)."""
     gen = torch.Generator().manual_seed(0)
     for rows in CHECK_ROWS:
         x = torch.randn(1, rows, linear.in_features, generator=gen).to(linear.weight.dtype)  # [1, rows, in]
@@ -80,6 +100,13 @@ def pack_linears(model: nn.Module) -> int:
     if replaced:
         release_freed_memory()
     return replaced
+
+
+def bounded_rows(model: nn.Module) -> bool:
+    """Whether every bfloat16 CPU linear layer of `model` is packed, so every product's row count is 1 or a
+    multiple of ROW_STEP (a prompt may then go in one forward of any length without new oneDNN state)."""
+    return not any(type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16
+                   for m in model.modules()) and any(isinstance(m, PackedLinear) for m in model.modules())
 
 
 def release_freed_memory() -> None:

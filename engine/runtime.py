@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from . import kernels, threads
+from . import kernels, packed, threads
 from .architectures import check_architecture, check_positions, sliding_everywhere
 from .attention import focus_weights, mask_bias, query_weights, window_bias
 from .cache import CacheConfig, CascadeCache, ChunkPlan, KVCache, make_cache
@@ -214,8 +214,10 @@ class Engine:
             self.rope = {"global": RopeTable(rotary, self.device, self.dtype)}
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         # Whether each new matmul shape leaves state behind (oneDNN on CPU below float32), so prompts are
-        # read in lengths seen before (`tail_chunks`).
-        self.shape_state = self.device.type == "cpu" and self.dtype != torch.float32
+        # read in lengths seen before (`tail_chunks`). Not where every linear layer is packed: those pad
+        # their products to a multiple of `packed.ROW_STEP` rows, a bounded set of shapes.
+        self.packed_rows = packed.bounded_rows(self.model)
+        self.shape_state = self.device.type == "cpu" and self.dtype != torch.float32 and not self.packed_rows
 
     def new_cache(self) -> KVCache:
         return make_cache(self.config, self.model.config, dtype=self.dtype, device=self.device)
@@ -311,9 +313,9 @@ class Engine:
     def prefill(self, ids: list[int], cache: KVCache, logits: str = "last") -> torch.Tensor | None:
         """Read a prompt after the document in chunks of `tail_chunks` lengths; the last one's logits.
 
-        Into an append-only tail where shapes leave no state (float32 on CPU, GPUs), the rest after whole
-        strides goes in one forward: every forward reads all the weights, and the cut changes nothing
-        there. A cascade's own cache keeps the powers of two, so a prompt pushes the same tokens out
+        Into an append-only tail where shapes leave no state (float32 on CPU, GPUs, packed bfloat16 layers
+        on CPU), the rest after whole strides goes in one forward: every forward reads all the weights,
+        and the cut changes nothing there. A cascade's own cache keeps the powers of two, so a prompt pushes the same tokens out
         whatever the dtype."""
         out, start = None, 0
         lengths = tail_chunks(len(ids), self.stride, self.shape_state or not cache.append_only)
@@ -391,8 +393,9 @@ def tail_chunks(n: int, stride: int, powers_of_two: bool = True) -> list[int]:
     oneDNN keeps state for every new matrix shape it meets in bfloat16 (~1 MB each, measured), so a
     question of any length must not bring a new chunk length: with powers of two there are at most
     log2(stride) + 2 lengths in the life of the process, at the cost of a few more small forwards.
-    float32 keeps no such state (measured: 0 MB over 250 new shapes, docs/eval.md), and each forward
-    reads every weight once, so there the rest goes in one forward (`Engine.shape_state`).
+    float32 keeps no such state (measured: 0 MB over 250 new shapes, docs/eval.md), nor do packed
+    bfloat16 layers, which pad their products to a multiple of `packed.ROW_STEP` rows; each forward reads
+    every weight once, so there the rest goes in one forward (`Engine.shape_state`).
     """
     lengths = [stride] * (n // stride)
     rest = n % stride

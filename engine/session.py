@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from . import documents, recall, snapshots
+from . import documents, packed, recall, snapshots
 from .cache import CacheConfig, HybridCache, KVCache
 from .copying import COPY_TOKENS, CopyGuard
 from .architectures import check_positions
@@ -267,11 +267,15 @@ class ReadingSession:
         oneDNN keeps state for each new bfloat16 matrix shape it meets; met first by questions, they
         grew RSS over the first answers (~50 MB, measured) and slowed their first token. Met here,
         right after the first read, memory after reading is memory while answering. ~0.5 s, once.
-        Kept where prompts go in one forward too (`Engine.shape_state` False): on a GPU these lengths'
-        power-of-two buckets are the Triton kernels' autotune keys, tuned here instead of at the first
-        question.
+        Packed bfloat16 layers on the CPU pad their products to multiples of `packed.ROW_STEP` rows, so
+        there the prompt lengths to meet are those multiples (and 1, a decoded token). Kept where prompts
+        go in one forward too (`Engine.shape_state` False): on a GPU these lengths' power-of-two buckets
+        are the Triton kernels' autotune keys, tuned here instead of at the first question.
         """
-        lengths = [1 << i for i in range(self.stride.bit_length()) if 1 << i < self.stride] + [self.stride]
+        if self.engine.packed_rows:
+            lengths = [1] + list(range(packed.ROW_STEP, self.stride, packed.ROW_STEP)) + [self.stride]
+        else:
+            lengths = [1 << i for i in range(self.stride.bit_length()) if 1 << i < self.stride] + [self.stride]
         todo = [n for n in lengths if n not in _WARM.setdefault(self.loaded.model, set())]
         memory = memory_of(self._answer_memory)
         for n in todo:
