@@ -134,6 +134,20 @@ def _skip_attention(module, query, key, value, attention_mask, scaling=None, dro
     return torch.zeros_like(query).transpose(1, 2), None
 
 
+@contextlib.contextmanager
+def attention_skipped(model):
+    """The model runs as the ceiling (`_skip_attention`) inside, with its own attention again after."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("skip", _skip_attention)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("skip")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def worker(args: dict) -> dict:
     """One run in this process: read `length` tokens with one policy; returns timings and RSS."""
     import resource
@@ -165,17 +179,31 @@ def worker(args: dict) -> dict:
     if policy == "ceiling":
         AttentionInterface.register("skip", _skip_attention)
         loaded.model.set_attn_implementation("skip")
+    paired = bool(args.get("paired")) and policy != "ceiling"
+    ceiling_times: list[float] = []  # --paired: the same chunk with attention skipped, right after each chunk
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":  # kernels run asynchronously: time the chunk, not its launch
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    def ceiling_forward(chunk: list[int]) -> None:
+        loaded.model.model(input_ids=torch.tensor([chunk], device=device), use_cache=False)
 
     def read(ids: list[int], cache, chunk_times: list[float]) -> None:
         for i in range(0, len(ids), engine.stride):
-            t = time.perf_counter()
+            chunk = ids[i:i + engine.stride]
             if policy == "ceiling":
-                loaded.model.model(input_ids=torch.tensor([ids[i:i + engine.stride]], device=device), use_cache=False)
-            else:
-                engine.forward(torch.tensor([ids[i:i + engine.stride]]), cache)
-            if device.type == "cuda":  # kernels run asynchronously: time the chunk, not its launch
-                torch.cuda.synchronize(device)
-            chunk_times.append(time.perf_counter() - t)
+                chunk_times.append(timed(lambda: ceiling_forward(chunk)))
+                continue
+            chunk_times.append(timed(lambda: engine.forward(torch.tensor([chunk]), cache)))
+            if paired:
+                # The ceiling measured beside each chunk, not minutes before in another process: this
+                # machine's speed drifts by up to 30% between runs, more than the ratio's distance to a target.
+                with attention_skipped(loaded.model):
+                    ceiling_times.append(timed(lambda: ceiling_forward(chunk)))
 
     warmup_seconds = None
     if device.type == "cuda":
@@ -192,6 +220,7 @@ def worker(args: dict) -> dict:
                 read(ids[:len(ids) % engine.stride], warm_cache, [])
             del warm_cache
         warmup_seconds = time.perf_counter() - start
+        ceiling_times.clear()
     cache = engine.new_cache()
     proc = psutil.Process()
     rss_reading = proc.memory_info().rss
@@ -202,7 +231,7 @@ def worker(args: dict) -> dict:
         for i in range(0, len(ids), engine.stride):
             read(ids[i:i + engine.stride], cache, chunk_times)
             rss_reading = max(rss_reading, proc.memory_info().rss)  # sampled after every chunk
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - sum(ceiling_times)  # the read's own time (--paired: without the ceiling's)
     q = max(1, len(chunk_times) // 4)
     first, last = sum(chunk_times[:q]), sum(chunk_times[-q:])
     return {
@@ -215,7 +244,17 @@ def worker(args: dict) -> dict:
         "cache_slots": config.slots if policy != "ceiling" else 0, "stride": engine.stride,
         "threads": torch.get_num_threads(), "thread_probes_ms": threads.report()["thread_probes_ms"],
         "device": str(device), "peak_memory_mb": peak_memory_mb(device), "warmup_seconds": warmup_seconds,
+        **(paired_ratio(chunk_times, ceiling_times, engine.stride) if paired else {}),
     }
+
+
+def paired_ratio(chunk_times: list[float], ceiling_times: list[float], stride: int) -> dict:
+    """The cascade against the ceiling timed beside each of its chunks (`--paired`): the ratio of the sums
+    (the read's ratio) and the median of the per-chunk ratios with the quartiles (how much it moved)."""
+    per_chunk = np.asarray(ceiling_times) / np.asarray(chunk_times)  # ceiling seconds / cascade seconds
+    return {"paired_ceiling_tps": len(ceiling_times) * stride / sum(ceiling_times),
+            "over_paired_ceiling": sum(ceiling_times) / sum(chunk_times),
+            "over_paired_ceiling_quartiles": [float(x) for x in np.percentile(per_chunk, [25, 50, 75])]}
 
 
 def run_read_bench(args) -> dict:
@@ -243,7 +282,7 @@ def run_read_bench(args) -> dict:
                        "length": run_length, "sinks": args.sinks, "window": args.window, "cascades": args.cascades,
                        "stride": args.stride, "block": args.block, "cascade_sizes": args.cascade_sizes,
                        "contest": args.contest, "block_score": args.block_score,
-                       "threads": getattr(args, "threads", "auto"),
+                       "threads": getattr(args, "threads", "auto"), "paired": getattr(args, "paired", False),
                        "question": getattr(args, "question", None)}
                 print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
                 # The worker inherits OMP_WAIT_POLICY: PASSIVE rescues an oversubscribed CPU but costs
@@ -257,6 +296,8 @@ def run_read_bench(args) -> dict:
                 rows.append(row)
                 print(f"  {row['tokens_per_second']:.0f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MB"
                       + (f", {row['over_ceiling']:.2f} of the ceiling" if "over_ceiling" in row else "")
+                      + (f", {row['over_paired_ceiling']:.2f} of the ceiling timed beside each chunk"
+                         if "over_paired_ceiling" in row else "")
                       + (f"; answer: {row['answer']!r}" if "answer" in row else ""), file=sys.stderr)
                 if getattr(args, "busy", False) and policy != "ceiling":
                     with background_load() as n:
@@ -320,6 +361,8 @@ def summarize(rows: list[dict]) -> dict:
                     s[f"cascade_over_full_at_{l}"] = c["tokens_per_second"] / by[("full", l)]["tokens_per_second"]
                 if ("ceiling", l) in by:
                     s[f"cascade_over_ceiling_at_{l}"] = c["tokens_per_second"] / by[("ceiling", l)]["tokens_per_second"]
+                if "over_paired_ceiling" in c:
+                    s[f"cascade_over_paired_ceiling_at_{l}"] = c["over_paired_ceiling"]
         out[dtype] = s
     return out
 

@@ -351,3 +351,42 @@ def test_compute_dtype_is_converting_the_inputs_first(scored):
     assert a[0].dtype == torch.float32
     for x, y in zip(a, b):
         assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_bench_paired_times_the_ceiling_beside_each_chunk(tmp_path):
+    """`engine bench --paired`: after each cascade chunk the same chunk runs with attention skipped; the
+    worker reports the ratio of the sums and the per-chunk quartiles, and its own tok/s without the
+    ceiling's time."""
+    from engine.bench import worker
+    from tiny_models import tiny_llama, word_tokenizer
+
+    tokenizer = word_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
+    job = {"model": str(tmp_path), "device": "cpu", "dtype": "float32", "policy": "cascade", "length": 640,
+           "sinks": 4, "window": 32, "cascades": 2, "stride": 64, "block": 1, "cascade_sizes": "equal",
+           "contest": "head", "block_score": "max", "threads": torch.get_num_threads()}
+    alone, paired = worker(job), worker({**job, "paired": True})
+    assert "over_paired_ceiling" not in alone
+    low, median, high = paired["over_paired_ceiling_quartiles"]
+    assert 0 < low <= median <= high and paired["over_paired_ceiling"] > 0 and paired["paired_ceiling_tps"] > 0
+    assert paired["tokens_per_second"] == pytest.approx(640 / paired["seconds"])
+
+
+def test_the_ceiling_between_chunks_gives_the_model_its_attention_back(tiny_llama):
+    """Skipped attention (the ceiling) must not leak into the cascade read around it: the chunk read after
+    it writes real keys into the cache and the same logits as a read that never skipped."""
+    from engine.bench import attention_skipped
+
+    ids = torch.randint(0, 257, (1, 128), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for skip_between in (False, True):
+        engine = Engine(tiny_llama, CacheConfig(sinks=4, window=32, cascades=2), stride=64)
+        cache = engine.new_cache()
+        engine.forward(ids[:, :64], cache)
+        if skip_between:
+            with attention_skipped(tiny_llama.model):
+                tiny_llama.model.model(input_ids=ids[:, 64:], use_cache=False)
+        out[skip_between] = engine.forward(ids[:, 64:], cache, logits="all")
+        assert cache.resident(0)[0].abs().sum() > 0
+    assert torch.equal(out[False], out[True])
