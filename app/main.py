@@ -1,5 +1,5 @@
 """python launch.py [--host H] [--port P] [--model SPEC] [--device auto|cpu|cuda[:N]] [--share]
-[--threads auto|N] [--max-upload-mb N] [--max-busy N] [--idle-timeout-min N]"""
+[--threads auto|N] [--pipeline auto|off] [--max-upload-mb N] [--max-busy N] [--idle-timeout-min N]"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 
 import gradio as gr
 
-from engine import threads
+from engine import pipeline, threads
 from engine.errors import UserError
 
 from . import sessions
@@ -27,6 +27,8 @@ def main(argv=None, block: bool = True) -> gr.Blocks:
     p.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", default="auto",
                    help="CPU threads for the model: auto (default: measured, re-checked every 10 s) or a number")
+    p.add_argument("--pipeline", choices=["auto", "off"], default="auto",
+                   help="read with the layers in two halves on two threads (auto, default, where it applies) or off")
     # limits that protect a shared machine (app/sessions.py)
     p.add_argument("--max-upload-mb", type=float, default=sessions.LIMITS.max_upload_mb,
                    help="largest upload accepted, in MB (default %(default)s)")
@@ -42,6 +44,7 @@ def main(argv=None, block: bool = True) -> gr.Blocks:
     try:
         use_device(args.device)
         threads.configure(args.threads)
+        pipeline.configure(args.pipeline)
     except UserError as e:  # before the server starts, in one line
         print(f"launch.py: {e}", file=sys.stderr)
         sys.exit(2)

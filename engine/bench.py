@@ -159,9 +159,10 @@ def worker(args: dict) -> dict:
     from .runtime import Engine
 
     torch.manual_seed(0)
-    from . import threads
+    from . import pipeline, threads
 
     threads.configure(args.get("threads", "auto"))
+    pipeline.configure(args.get("pipeline", "auto"))
     device = parse_device(args.get("device"))
     loaded = load_model(args["model"], dtype=getattr(torch, args["dtype"]), say=lambda s: None, device=device)
     ids = bench_tokens(loaded.tokenizer, args["length"])
@@ -226,11 +227,23 @@ def worker(args: dict) -> dict:
     rss_reading = proc.memory_info().rss
     chunk_times: list[float] = []
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pipelined = policy != "ceiling" and not paired and engine.pipeline and pipeline.supported(engine, cache)
     start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(ids), engine.stride):
-            read(ids[i:i + engine.stride], cache, chunk_times)
-            rss_reading = max(rss_reading, proc.memory_info().rss)  # sampled after every chunk
+    if pipelined:  # as a document is read (engine/pipeline.py): chunk times from the progress after each
+        marks = [start]
+
+        def after_chunk(p) -> None:
+            nonlocal rss_reading
+            marks.append(time.perf_counter())
+            rss_reading = max(rss_reading, proc.memory_info().rss)
+
+        engine.read([ids], cache, progress=after_chunk)
+        chunk_times = list(np.diff(marks))
+    else:
+        with torch.inference_mode():
+            for i in range(0, len(ids), engine.stride):
+                read(ids[i:i + engine.stride], cache, chunk_times)
+                rss_reading = max(rss_reading, proc.memory_info().rss)  # sampled after every chunk
     seconds = time.perf_counter() - start - sum(ceiling_times)  # the read's own time (--paired: without the ceiling's)
     q = max(1, len(chunk_times) // 4)
     first, last = sum(chunk_times[:q]), sum(chunk_times[-q:])
@@ -241,7 +254,7 @@ def worker(args: dict) -> dict:
         # process peak (includes loading the model) and the peak seen while reading
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_mb": rss_reading / 2 ** 20, "rss_after_load_mb": rss0,
-        "cache_slots": config.slots if policy != "ceiling" else 0, "stride": engine.stride,
+        "cache_slots": config.slots if policy != "ceiling" else 0, "stride": engine.stride, "pipelined": pipelined,
         "threads": torch.get_num_threads(), "thread_probes_ms": threads.report()["thread_probes_ms"],
         "device": str(device), "peak_memory_mb": peak_memory_mb(device), "warmup_seconds": warmup_seconds,
         **(paired_ratio(chunk_times, ceiling_times, engine.stride) if paired else {}),
@@ -283,6 +296,7 @@ def run_read_bench(args) -> dict:
                        "stride": args.stride, "block": args.block, "cascade_sizes": args.cascade_sizes,
                        "contest": args.contest, "block_score": args.block_score,
                        "threads": getattr(args, "threads", "auto"), "paired": getattr(args, "paired", False),
+                       "pipeline": getattr(args, "pipeline", "auto"),
                        "question": getattr(args, "question", None)}
                 print(f"bench: {dtype} {policy} {length} tokens...", file=sys.stderr, flush=True)
                 # The worker inherits OMP_WAIT_POLICY: PASSIVE rescues an oversubscribed CPU but costs

@@ -477,30 +477,32 @@ class CascadeCache(KVCache):
         """
         if score is None or self.config.contest == "head":
             return score
-        s = score.view(self.n_layers, self.batch, self.kv_heads, -1)  # [layers, batch, kv_heads, n]
+        s = score.view(-1, self.batch, self.kv_heads, score.shape[-1])  # [layers, batch, kv_heads, n]
         dims = (2,) if self.config.contest == "layer" else (0, 2)
         return s.mean(dims, keepdim=True).expand_as(s).reshape(score.shape)
 
-    def layers_as_batch(self) -> "CascadeCache":
-        """All layers as the batch rows of one layer: a copy of the storage, to push every layer at once.
+    def layers_as_batch(self, layers: range | None = None) -> "CascadeCache":
+        """All layers (or `layers`) as the batch rows of one layer: a copy of the storage, to push them at once.
 
         The plan is the same for every layer, so one push over [layers * batch] rows does the work of
         `n_layers` pushes with 1/n_layers of the Python and dispatch overhead (at 16 cascades that
         overhead was ~135 ms per 512-token chunk, more than the push's own arithmetic). Copy the
         result back with `take_layers`.
         """
+        layers = range(self.n_layers) if layers is None else layers
         stacked = type(self).__new__(type(self))
         stacked.__dict__.update(self.__dict__)
-        stacked.n_layers, stacked.batch = 1, self.n_layers * self.batch
+        stacked.n_layers, stacked.batch = 1, len(layers) * self.batch
         for name in ("keys", "values", "score", "pos"):  # [layers * batch, kv_heads, slots, ...]
-            setattr(stacked, name, [torch.cat(getattr(self, name))])
+            setattr(stacked, name, [torch.cat([getattr(self, name)[layer] for layer in layers])])
         return stacked
 
-    def take_layers(self, stacked: "CascadeCache") -> None:
-        """Copy a `layers_as_batch` cache's storage back into this cache's layers."""
+    def take_layers(self, stacked: "CascadeCache", layers: range | None = None) -> None:
+        """Copy a `layers_as_batch` cache's storage back into this cache's layers (or `layers`)."""
+        layers = range(self.n_layers) if layers is None else layers
         for name in ("keys", "values", "score", "pos"):
-            for mine, theirs in zip(getattr(self, name), getattr(stacked, name)[0].split(self.batch)):
-                mine.copy_(theirs)
+            for layer, theirs in zip(layers, getattr(stacked, name)[0].split(self.batch)):
+                getattr(self, name)[layer].copy_(theirs)
 
     def level_view(self, layer: int, lv: LevelPlan) -> Tokens:
         """One cascade's slots of a layer, as views into the storage."""

@@ -51,6 +51,9 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default="auto",
                    help="CPU threads for the model: auto (default: measured now and every 10 s, so a busy "
                         "computer does not stall the read) or a number")
+    p.add_argument("--pipeline", choices=["auto", "off"], default="auto",
+                   help="read with the layers in two halves on two threads, a chunk apart (auto, default, where it "
+                        "applies: CPU, Llama-family models, 2+ threads; faster on a busy computer) or off")
 
 
 def add_layout_options(p: argparse.ArgumentParser, default_block: int | None = None,
@@ -394,6 +397,10 @@ def main(argv=None) -> int:
             from . import threads
 
             threads.configure(args.threads)
+        if getattr(args, "pipeline", None) is not None:
+            from . import pipeline
+
+            pipeline.configure(args.pipeline)
         return handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from . import kernels, packed, threads
+from . import kernels, packed, pipeline, threads
 from .architectures import check_architecture, check_positions, sliding_everywhere
 from .attention import focus_weights, mask_bias, query_weights, window_bias
 from .cache import CacheConfig, CascadeCache, ChunkPlan, KVCache, make_cache
@@ -134,29 +134,30 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     return out.to(query.dtype).transpose(1, 2), None
 
 
-def push_pending(part: PartStep) -> None:
+def push_pending(part: PartStep, layers: range | None = None) -> None:
     """Push every layer's chunk into a cascade cache at once, its layers as batch rows.
 
     A layer's push only changes that layer's slots, which its attention has already read, so the
     pushes can wait until the forward is done; together they cost one push's overhead instead of
-    one per layer (the plan is the same for all of them).
+    one per layer (the plan is the same for all of them). `layers`: push only these (the two halves
+    of a pipelined read, engine/pipeline.py); default every layer.
     """
     if not part.pending:
         return
-    if len(part.pending) != part.cache.n_layers:
+    layers = range(part.cache.n_layers) if layers is None else layers
+    if any(layer not in part.pending for layer in layers):
         raise RuntimeError(f"{len(part.pending)} of {part.cache.n_layers} layers attended in this forward")
-    rows = [part.pending[layer] for layer in range(part.cache.n_layers)]
+    rows = [part.pending.pop(layer) for layer in layers]
 
     def stacked(i):  # [layers * batch, kv_heads, ...] or None where a layer has no scores
         items = [r[i] for r in rows]
         return None if items[0] is None else torch.cat(items)
 
-    batch = part.cache.layers_as_batch()
+    batch = part.cache.layers_as_batch(layers)
     key, value, cache_score, chunk_score = (stacked(i) for i in range(4))
     cache_score, chunk_score = part.cache.contest_scores(cache_score), part.cache.contest_scores(chunk_score)
     kernels.cascade_push(batch, 0, part.plan, key, value, cache_score, chunk_score)
-    part.cache.take_layers(batch)
-    part.pending.clear()
+    part.cache.take_layers(batch, layers)
 
 
 def _register() -> None:
@@ -217,6 +218,8 @@ class Engine:
         # read in lengths seen before (`tail_chunks`). Not where every linear layer is packed: those pad
         # their products to a multiple of `packed.ROW_STEP` rows, a bounded set of shapes.
         self.packed_rows = packed.bounded_rows(self.model)
+        # read in two pipelined halves of the layers where that applies (engine/pipeline.py, --pipeline)
+        self.pipeline = pipeline.enabled()
         self.shape_state = self.device.type == "cpu" and self.dtype != torch.float32 and not self.packed_rows
 
     def new_cache(self) -> KVCache:
@@ -234,9 +237,28 @@ class Engine:
         """
         threads.tick(self.dtype)  # --threads auto: re-measure the best thread count when a check is due
         length = ids.shape[1]
-        extra = len(focus) if focus else 0
-        if extra:
+        if focus:
             ids = torch.cat((ids, torch.tensor([focus])), dim=1)
+        step = self.plan_step(cache, length, focus)
+        out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
+                               use_cache=False, cascade_step=step)
+        self.push_layers(step)
+        for name, part in cache.parts.items():
+            part.commit(step.parts[name].plan)
+        hidden = out.last_hidden_state[:, :length]  # [1, L, hidden]
+        if logits == "none":
+            return None
+        if logits == "last":
+            hidden = hidden[:, -1:]
+        out = self.model.lm_head(hidden).float()
+        if self.softcap:  # Gemma-style final logit soft-capping
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def plan_step(self, cache: KVCache, length: int, focus: list[int] | None = None) -> StepContext:
+        """What the layers need to read a chunk of `length` tokens (plus `focus` rows) into `cache`: each
+        part's plan, RoPE tables, query weights and masks."""
+        extra = len(focus) if focus else 0
         parts = {}
         for name, part in cache.parts.items():
             plan = part.plan(length)
@@ -254,21 +276,13 @@ class Engine:
             if name == "sliding":
                 step.window_bias = window_bias(plan.cache_pos, plan.cache_valid, chunk_pos, cache.sliding_window)
             parts[name] = step
-        step = StepContext(cache, parts)
-        out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
-                               use_cache=False, cascade_step=step)
-        for name, part in cache.parts.items():
-            push_pending(parts[name])
-            part.commit(parts[name].plan)
-        hidden = out.last_hidden_state[:, :length]  # [1, L, hidden]
-        if logits == "none":
-            return None
-        if logits == "last":
-            hidden = hidden[:, -1:]
-        out = self.model.lm_head(hidden).float()
-        if self.softcap:  # Gemma-style final logit soft-capping
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return StepContext(cache, parts)
+
+    @staticmethod
+    def push_layers(step: StepContext, layers: range | None = None) -> None:
+        """Push the chunk into the layers that attended in this step (`layers`: these only; default all)."""
+        for part in step.parts.values():
+            push_pending(part, layers)
 
     def read(self, pieces: Iterable[list[int]], cache: KVCache, total: int | None = None,
              progress: Callable[[ReadProgress], None] | None = None,
@@ -283,32 +297,39 @@ class Engine:
         if focus:
             check_positions(self.model.config, self.config, self.stride + len(focus), "stride + focus question")
         start = time.perf_counter()
-        read = 0
-        buffer: list[int] = []
 
-        def run(chunk: list[int]):
-            nonlocal read
-            turn()  # a chunk is one step: other sessions' work goes first if it waits (engine.worker)
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"reading cancelled after {read} tokens")
-            self.forward(torch.tensor([chunk]), cache, logits=logits, focus=focus)
-            read += len(chunk)
+        def done(read: int) -> None:  # after each chunk, when the cache holds it
             if on_chunk is not None:
                 on_chunk(cache)
             if progress is not None:
                 progress(ReadProgress(read, total, time.perf_counter() - start))
 
+        if self.pipeline and pipeline.supported(self, cache, logits, focus):
+            read = pipeline.read(self, self.chunks(pieces), cache, done, should_stop)
+            return ReadProgress(read, total, time.perf_counter() - start)
+        read = 0
+        for chunk in self.chunks(pieces):
+            turn()  # a chunk is one step: other sessions' work goes first if it waits (engine.worker)
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"reading cancelled after {read} tokens")
+            self.forward(torch.tensor([chunk]), cache, logits=logits, focus=focus)
+            read += len(chunk)
+            done(read)
+        return ReadProgress(read, total, time.perf_counter() - start)
+
+    def chunks(self, pieces: Iterable[list[int]]) -> Iterator[list[int]]:
+        """A stream of token-id pieces cut into chunks: whole strides, then the rest in powers of two."""
+        buffer: list[int] = []
         for piece in pieces:
             buffer.extend(piece)
             while len(buffer) >= self.stride:
-                run(buffer[: self.stride])
+                yield buffer[: self.stride]
                 del buffer[: self.stride]
         # the rest in lengths seen before (tail_chunks), whatever the dtype: how a document is cut into
         # chunks decides which tokens the cascades keep, so one document reads the same everywhere
         for n in tail_chunks(len(buffer), self.stride):
-            run(buffer[:n])
+            yield buffer[:n]
             del buffer[:n]
-        return ReadProgress(read, total, time.perf_counter() - start)
 
     def prefill(self, ids: list[int], cache: KVCache, logits: str = "last") -> torch.Tensor | None:
         """Read a prompt after the document in chunks of `tail_chunks` lengths; the last one's logits.

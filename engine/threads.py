@@ -48,6 +48,12 @@ def configure(setting: str | int | None = "auto") -> None:
         torch.set_num_threads(mode)
 
 
+def budget() -> int:
+    """The threads model work may use at most: the fixed count, or (auto, unset) every core torch may use."""
+    mode = _state["mode"]
+    return mode if isinstance(mode, int) else (_state["max"] or torch.get_num_threads())
+
+
 def candidates() -> list[int]:
     most = _state["max"] or torch.get_num_threads()
     return sorted({1, most}, reverse=True)
