@@ -218,6 +218,7 @@ def result_json(session, answer, extra: dict | None = None) -> dict:
         "answer_tokens": answer.tokens, "answer_seconds": round(answer.seconds, 3),
         # the process's peak includes loading the model; read_peak_rss_mb is the peak while reading
         "peak_rss_mb": round(peak_rss_mb(), 1), "read_peak_rss_mb": None if loaded else r.peak_rss_mb,
+        "pipelined": None if loaded else r.pipelined,  # read in two pipelined halves (--pipeline)
         **session.device_report(), **threads.report(), "cache_slots": session.config.slots,
         "cache_mb": round(session.budget()["cache_mb"], 2), "policy": session.config.policy,
         "window": session.config.window, "cascades": session.config.cascades, "sinks": session.config.sinks,

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from . import documents, packed, recall, snapshots
+from . import documents, packed, pipeline, recall, snapshots
 from .cache import CacheConfig, HybridCache, KVCache
 from .copying import COPY_TOKENS, CopyGuard
 from .architectures import check_positions
@@ -71,6 +71,7 @@ class ReadResult:
     seconds: float
     tokens_per_second: float
     peak_rss_mb: float | None = None  # the process's largest RSS while reading (sampled after each chunk)
+    pipelined: bool = False  # read in two pipelined halves of the layers (engine/pipeline.py)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ class ReadingSession:
 
         # focus: a question known before reading; its rows join every chunk's scores (Engine.forward)
         focus_ids = self._ids(self.format.question_text(focus)) if focus else None
+        pipelined = self.engine.pipeline and pipeline.supported(self.engine, cache, "none", focus_ids)
         done = self.engine.read(stream(), cache, total=total, progress=sampled, should_stop=should_stop,
                                 on_chunk=chunk_hook, focus=focus_ids)
         doc_tokens = done.tokens_read - len(prefix_ids)
@@ -237,7 +239,7 @@ class ReadingSession:
             raise UserError(f"{document.title}: no text to read")
         self._set_document(document, source_map, cache, len(prefix_ids),
                            ReadResult(doc_tokens, len(prefix_ids), done.seconds, done.tokens_per_second,
-                                      round(peak / 2 ** 20, 1)),
+                                      round(peak / 2 ** 20, 1), pipelined),
                            recall.PassageIndex.build(document, source_map.offsets))
         return self.read_result
 

@@ -69,8 +69,9 @@ def test_cli_ask_json_contract(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("answer", "doc_tokens", "read_seconds", "tokens_per_second", "peak_rss_mb", "cache_slots", "policy",
-                "citations"):
+                "citations", "pipelined"):
         assert key in out, key
+    assert isinstance(out["pipelined"], bool)
     assert out["cache_slots"] == 512 and out["policy"] == "cascade" and out["doc_tokens"] > 1000
     assert "BLUEBERR" in out["answer"].upper()
 
