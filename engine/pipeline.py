@@ -15,7 +15,7 @@ storage is touched by one stage only, chunk after chunk in order, so every layer
 same states as in `Engine.read`: the cache after a pipelined read equals a plain read's, bit for bit
 at the same thread count per product (tested).
 
-Where it applies (`supported`): the CPU, Llama-family decoders (embeddings, rotary, layers, norm),
+Where it applies (`supported`): the CPU with the torch kernels, Llama-family decoders (embeddings, rotary, layers, norm),
 a cascade or sink cache whose contests stay within a layer, a read without a focus question or
 logits, and a thread budget of at least 2 (each stage gets half). `--pipeline off` reads as before.
 """
@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import threads
+from . import kernels, threads
 from .cache import CascadeCache
 from .errors import Cancelled
 from .worker import turn
@@ -52,7 +52,10 @@ def enabled() -> bool:
 
 def supported(engine, cache, logits: str = "none", focus=None) -> bool:
     decoder = engine.model.model
-    return (engine.device.type == "cpu" and threads.budget() >= 2 and isinstance(cache, CascadeCache)
+    # the torch kernels only: Triton's CPU interpreter (CASCADE_KERNELS=triton in tests) keeps global state
+    # per launch and fails when two threads launch at once
+    torch_kernels = kernels.backend(torch.empty(0, device=engine.device)) == "torch"
+    return (engine.device.type == "cpu" and torch_kernels and threads.budget() >= 2 and isinstance(cache, CascadeCache)
             and cache.config.contest != "model" and type(decoder).__name__ in PIPELINED_MODELS
             and logits == "none" and not focus)
 

@@ -103,7 +103,7 @@ def test_an_error_in_the_second_stage_reaches_the_caller_and_stops_the_pipeline(
     assert not any(t.name == "cascade-reader-stage-b" for t in threading.enumerate())
 
 
-def test_the_pipeline_only_runs_where_it_applies(tiny_llama, thread_budget):
+def test_the_pipeline_only_runs_where_it_applies(tiny_llama, thread_budget, monkeypatch):
     engine = Engine(tiny_llama, CONFIG, stride=64)
     cache = engine.new_cache()
     thread_budget(1)
@@ -116,6 +116,9 @@ def test_the_pipeline_only_runs_where_it_applies(tiny_llama, thread_budget):
     assert not pipeline.supported(model_contests, model_contests.new_cache())  # decided over all layers at once
     full = Engine(tiny_llama, CacheConfig(policy="full"), stride=64)
     assert not pipeline.supported(full, full.new_cache())
+    monkeypatch.setenv("CASCADE_KERNELS", "triton")  # the Triton interpreter is not thread-safe
+    assert not pipeline.supported(engine, cache)
+    monkeypatch.delenv("CASCADE_KERNELS")
     pipeline.configure("off")
     try:
         assert not Engine(tiny_llama, CONFIG, stride=64).pipeline
