@@ -134,14 +134,19 @@ def _skip_attention(module, query, key, value, attention_mask, scaling=None, dro
     return torch.zeros_like(query).transpose(1, 2), None
 
 
-@contextlib.contextmanager
-def attention_skipped(model):
-    """The model runs as the ceiling (`_skip_attention`) inside, with its own attention again after."""
+def skip_attention(model) -> None:
+    """From now on the model runs as the ceiling (`_skip_attention`)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register("skip", _skip_attention)
-    before = model.config._attn_implementation
     model.set_attn_implementation("skip")
+
+
+@contextlib.contextmanager
+def attention_skipped(model):
+    """The model runs as the ceiling inside, with its own attention again after."""
+    before = model.config._attn_implementation
+    skip_attention(model)
     try:
         yield
     finally:
@@ -151,8 +156,6 @@ def attention_skipped(model):
 def worker(args: dict) -> dict:
     """One run in this process: read `length` tokens with one policy; returns timings and RSS."""
     import resource
-
-    from transformers import AttentionInterface
 
     from .devices import peak_memory_mb
     from .models import load_model
@@ -178,8 +181,7 @@ def worker(args: dict) -> dict:
                 "cache_slots": config.slots, "threads": torch.get_num_threads(), "device": str(device)}
     engine = Engine(loaded, config, stride=args["stride"])
     if policy == "ceiling":
-        AttentionInterface.register("skip", _skip_attention)
-        loaded.model.set_attn_implementation("skip")
+        skip_attention(loaded.model)
     paired = bool(args.get("paired")) and policy != "ceiling"
     ceiling_times: list[float] = []  # --paired: the same chunk with attention skipped, right after each chunk
 
@@ -227,7 +229,7 @@ def worker(args: dict) -> dict:
     rss_reading = proc.memory_info().rss
     chunk_times: list[float] = []
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    pipelined = policy != "ceiling" and not paired and engine.pipeline and pipeline.supported(engine, cache)
+    pipelined = policy != "ceiling" and not paired and engine.pipelined(cache)
     start = time.perf_counter()
     if pipelined:  # as a document is read (engine/pipeline.py): chunk times from the progress after each
         marks = [start]

@@ -7,17 +7,19 @@ thousands of times, and both run whenever the scheduler lets them. Measured on 2
 spinning processes (docs/speed.md section 8): SmolLM2 read 563 tok/s pipelined, 354-412 on one
 thread, 247-298 on two OpenMP threads; quiet, the pipeline matches two OpenMP threads.
 
-How: stage A (the calling thread) plans chunk n and commits the plan at once (the cache's
-bookkeeping moves on; a layer's storage changes only when that layer pushes, and a push reads only
-the plan), runs the embeddings and layers [0, h), pushes those layers, and hands the hidden states
-to stage B, which runs layers [h, L) and pushes them while A goes on with chunk n + 1. Each layer's
-storage is touched by one stage only, chunk after chunk in order, so every layer goes through the
-same states as in `Engine.read`: the cache after a pipelined read equals a plain read's, bit for bit
-at the same thread count per product (tested).
+How: stage A (the calling thread) plans chunk n, runs the embeddings and layers [0, h), then waits
+for stage B to finish chunk n - 1 (the only meeting point: the cache then holds n - 1 in every layer,
+as a plain read leaves it, and progress is reported), pushes its half of chunk n, commits the plan
+and hands the hidden states to stage B, which runs layers [h, L) and pushes them while A plans and
+runs chunk n + 1. Each layer's storage is touched by one stage only, chunk after chunk in order, and
+a push reads only its plan, so every layer goes through the same states as in `Engine.read`: the
+cache after a pipelined read equals a plain read's, bit for bit at the same thread count per product
+(tested after every chunk).
 
-Where it applies (`supported`): the CPU with the torch kernels, Llama-family decoders (embeddings, rotary, layers, norm),
-a cascade or sink cache whose contests stay within a layer, a read without a focus question or
-logits, and a thread budget of at least 2 (each stage gets half). `--pipeline off` reads as before.
+Where it applies (`supported`): the CPU with the torch kernels, Llama-family decoders (embeddings,
+rotary, layers, norm), a cascade or sink cache whose contests stay within a layer, a read without a
+focus question or logits, and a thread budget of at least 2 (each stage gets half). `--pipeline off`
+reads as before.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from . import kernels, threads
 from .cache import CascadeCache
-from .errors import Cancelled
+from .errors import Cancelled, UserError
 from .worker import turn
 
 PIPELINED_MODELS = ("LlamaModel",)  # decoders whose layers run one by one here as in their own forward
@@ -39,8 +41,6 @@ _setting = {"pipeline": "auto"}
 
 def configure(setting: str) -> None:
     """--pipeline auto (where it applies) or off (every read runs the layers as one forward)."""
-    from .errors import UserError
-
     if setting not in ("auto", "off"):
         raise UserError(f"pipeline must be 'auto' or 'off', not {setting!r}")
     _setting["pipeline"] = setting
@@ -55,8 +55,8 @@ def supported(engine, cache, logits: str = "none", focus=None) -> bool:
     # the torch kernels only: Triton's CPU interpreter (CASCADE_KERNELS=triton in tests) keeps global state
     # per launch and fails when two threads launch at once
     torch_kernels = kernels.backend(torch.empty(0, device=engine.device)) == "torch"
-    return (engine.device.type == "cpu" and torch_kernels and threads.budget() >= 2 and isinstance(cache, CascadeCache)
-            and cache.config.contest != "model" and type(decoder).__name__ in PIPELINED_MODELS
+    return (engine.device.type == "cpu" and torch_kernels and threads.budget() >= 2
+            and isinstance(cache, CascadeCache) and cache.config.contest != "model" and type(decoder).__name__ in PIPELINED_MODELS
             and logits == "none" and not focus)
 
 

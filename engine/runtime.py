@@ -304,7 +304,7 @@ class Engine:
             if progress is not None:
                 progress(ReadProgress(read, total, time.perf_counter() - start))
 
-        if self.pipeline and pipeline.supported(self, cache, logits, focus):
+        if self.pipelined(cache, logits, focus):
             read = pipeline.read(self, self.chunks(pieces), cache, done, should_stop)
             return ReadProgress(read, total, time.perf_counter() - start)
         read = 0
@@ -316,6 +316,10 @@ class Engine:
             read += len(chunk)
             done(read)
         return ReadProgress(read, total, time.perf_counter() - start)
+
+    def pipelined(self, cache: KVCache, logits: str = "none", focus: list[int] | None = None) -> bool:
+        """Whether `read` into `cache` runs in two pipelined halves of the layers (engine/pipeline.py)."""
+        return self.pipeline and pipeline.supported(self, cache, logits, focus)
 
     def chunks(self, pieces: Iterable[list[int]]) -> Iterator[list[int]]:
         """A stream of token-id pieces cut into chunks: whole strides, then the rest in powers of two."""
@@ -336,8 +340,8 @@ class Engine:
 
         Into an append-only tail where shapes leave no state (float32 on CPU, GPUs, packed bfloat16 layers
         on CPU), the rest after whole strides goes in one forward: every forward reads all the weights,
-        and the cut changes nothing there. A cascade's own cache keeps the powers of two, so a prompt pushes the same tokens out
-        whatever the dtype."""
+        and the cut changes nothing there. A cascade's own cache keeps the powers of two, so a prompt
+        pushes the same tokens out whatever the dtype."""
         out, start = None, 0
         lengths = tail_chunks(len(ids), self.stride, self.shape_state or not cache.append_only)
         for i, n in enumerate(lengths):

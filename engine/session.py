@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from . import documents, packed, pipeline, recall, snapshots
+from . import documents, packed, recall, snapshots
 from .cache import CacheConfig, HybridCache, KVCache
 from .copying import COPY_TOKENS, CopyGuard
 from .architectures import check_positions
@@ -231,7 +231,7 @@ class ReadingSession:
 
         # focus: a question known before reading; its rows join every chunk's scores (Engine.forward)
         focus_ids = self._ids(self.format.question_text(focus)) if focus else None
-        pipelined = self.engine.pipeline and pipeline.supported(self.engine, cache, "none", focus_ids)
+        pipelined = self.engine.pipelined(cache, focus=focus_ids)
         done = self.engine.read(stream(), cache, total=total, progress=sampled, should_stop=should_stop,
                                 on_chunk=chunk_hook, focus=focus_ids)
         doc_tokens = done.tokens_read - len(prefix_ids)
