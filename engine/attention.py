@@ -157,7 +157,7 @@ def chunk_attention(
         logits = torch.bmm(block, kt[:, :, :seen]).view(batch * kv_heads, group, rows, seen)
         if bias is not None:
             logits[..., :slots] += bias
-        logits[..., slots:] += causal[t0:t1, :t1]
+        logits[..., slots + t0:] += causal[t0:t1, t0:t1]  # the chunk's earlier keys are all allowed: no mask
         probs = torch.softmax(logits, dim=-1)  # [batch*kv_heads, group, rows, seen]
         out[:, :, t0:t1] = torch.bmm(probs.view(batch * kv_heads, group * rows, seen), vv[:, :seen]).view(
             batch * kv_heads, group, rows, head_dim)

@@ -367,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each reading case again beside a background load it starts and stops itself "
                         "(one busy process per core) and report busy / quiet")
     b.add_argument("--paired", action="store_true",
-                   help="also time the ceiling beside each chunk of every read (the same chunk, attention skipped) "
-                        "and report that ratio: robust to a machine whose speed drifts between runs")
+                   help="also time the ceiling beside each chunk of every read (the same chunk, attention skipped; "
+                        "a pipelined read: each segment of 16 chunks) and report that ratio: robust to a machine "
+                        "whose speed drifts between runs")
     b.add_argument("--answers", type=int, default=0,
                    help="instead of reading speed: RSS after reading Exodus and after each of N answers")
     b.add_argument("--doc-chars", type=int, default=40_000, help="characters of Exodus read for --answers")

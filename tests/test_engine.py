@@ -357,6 +357,7 @@ def test_bench_paired_times_the_ceiling_beside_each_chunk(tmp_path):
     """`engine bench --paired`: after each cascade chunk the same chunk runs with attention skipped; the
     worker reports the ratio of the sums and the per-chunk quartiles, and its own tok/s without the
     ceiling's time."""
+    from engine import pipeline
     from engine.bench import worker
     from tiny_models import tiny_llama, word_tokenizer
 
@@ -365,12 +366,16 @@ def test_bench_paired_times_the_ceiling_beside_each_chunk(tmp_path):
     tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
     job = {"model": str(tmp_path), "device": "cpu", "dtype": "float32", "policy": "cascade", "length": 640,
            "sinks": 4, "window": 32, "cascades": 2, "stride": 64, "block": 1, "cascade_sizes": "equal",
-           "contest": "head", "block_score": "max", "threads": torch.get_num_threads()}
-    alone, paired = worker(job), worker({**job, "paired": True})
+           "contest": "head", "block_score": "max", "threads": torch.get_num_threads(), "pipeline": "off"}
+    try:  # pipelined reads pair segments (tests/test_pipeline.py)
+        alone, paired = worker(job), worker({**job, "paired": True})
+    finally:
+        pipeline.configure("auto")
     assert "over_paired_ceiling" not in alone
     low, median, high = paired["over_paired_ceiling_quartiles"]
     assert 0 < low <= median <= high and paired["over_paired_ceiling"] > 0 and paired["paired_ceiling_tps"] > 0
     assert paired["tokens_per_second"] == pytest.approx(640 / paired["seconds"])
+    assert (paired["paired_unit"], paired["paired_units"]) == ("chunk", 10)
 
 
 def test_the_ceiling_between_chunks_gives_the_model_its_attention_back(tiny_llama):

@@ -126,3 +126,31 @@ def test_the_pipeline_only_runs_where_it_applies(tiny_llama, thread_budget, monk
         pipeline.configure("auto")
     with pytest.raises(Exception, match="pipeline must be"):
         pipeline.configure("on")
+
+
+def test_the_bench_times_its_ceiling_through_the_same_pipeline(tmp_path, thread_budget):
+    """Where the cascade reads pipelined, `engine bench`'s ceiling row reads through the same pipeline with
+    attention skipped, and `--paired` pairs segments of PAIR_CHUNKS chunks (the last one short), each read
+    again with attention skipped right after; with `--pipeline off` the pairs are single chunks again."""
+    from engine.bench import PAIR_CHUNKS, worker
+    from tiny_models import tiny_llama, word_tokenizer
+
+    tokenizer = word_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
+    job = {"model": str(tmp_path), "device": "cpu", "dtype": "float32", "policy": "cascade",
+           "length": 64 * (2 * PAIR_CHUNKS + 3), "sinks": 4, "window": 32, "cascades": 2, "stride": 64, "block": 1,
+           "cascade_sizes": "equal", "contest": "head", "block_score": "max", "threads": 2}
+    try:
+        plain = worker({**job, "paired": True, "pipeline": "off"})
+        ceiling = worker({**job, "policy": "ceiling"})
+        paired = worker({**job, "paired": True})
+    finally:
+        pipeline.configure("auto")
+    assert ceiling["pipelined"] and paired["pipelined"] and not plain["pipelined"]
+    assert (paired["paired_unit"], paired["paired_units"]) == ("segment", 3)
+    assert (plain["paired_unit"], plain["paired_units"]) == ("chunk", 2 * PAIR_CHUNKS + 3)
+    for row in (paired, plain):
+        low, median, high = row["over_paired_ceiling_quartiles"]
+        assert 0 < low <= median <= high and row["over_paired_ceiling"] > 0
+        assert row["paired_ceiling_tps"] > row["tokens_per_second"] * row["over_paired_ceiling"] * 0.5
