@@ -153,4 +153,5 @@ def test_the_bench_times_its_ceiling_through_the_same_pipeline(tmp_path, thread_
     for row in (paired, plain):
         low, median, high = row["over_paired_ceiling_quartiles"]
         assert 0 < low <= median <= high and row["over_paired_ceiling"] > 0
+        assert all(r > 0 for r in row["over_paired_ceiling_first_last_quarter"])
         assert row["paired_ceiling_tps"] > row["tokens_per_second"] * row["over_paired_ceiling"] * 0.5
