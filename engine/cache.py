@@ -317,6 +317,12 @@ class KVCache:
         """Which part holds a model layer, and its index there."""
         return "global", layer
 
+    def local_layers(self, name: str, layers: range) -> range:
+        """The indices in part `name` of the model layers `layers` (a run of model layers is a run in each
+        part: a part numbers its layers in model order)."""
+        local = [k for part, k in map(self.part_of, layers) if part == name]
+        return range(local[0], local[-1] + 1) if local else range(0)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state().values())
 

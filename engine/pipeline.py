@@ -16,10 +16,11 @@ a push reads only its plan, so every layer goes through the same states as in `E
 cache after a pipelined read equals a plain read's, bit for bit at the same thread count per product
 (tested after every chunk).
 
-Where it applies (`supported`): the CPU with the torch kernels, Llama-family decoders (embeddings,
-rotary, layers, norm), a cascade or sink cache whose contests stay within a layer, a read without a
-focus question or logits, and a thread budget of at least 2 (each stage gets half). `--pipeline off`
-reads as before.
+Where it applies (`supported`): the CPU with the torch kernels, decoders whose forward is embeddings,
+rotary, layers, norm (Llama/SmolLM2, Mistral, Qwen2/3, Phi-3, and Gemma-3 with its sliding-window layers:
+each part of a hybrid cache pushes its own layers of each half), a cascade or sink cache whose contests
+stay within a layer, a read without a focus question or logits, and a thread budget of at least 2 (each
+stage gets half). `--pipeline off` reads as before.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from .cache import CascadeCache
 from .errors import Cancelled, UserError
 from .worker import turn
 
-PIPELINED_MODELS = ("LlamaModel",)  # decoders whose layers run one by one here as in their own forward
+# decoders whose forward is embeddings, rotary, layers, norm: their layers run one by one here as in that forward
+PIPELINED_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Phi3Model", "Gemma3TextModel")
 _setting = {"pipeline": "auto"}
 
 
@@ -55,9 +57,22 @@ def supported(engine, cache, logits: str = "none", focus=None) -> bool:
     # the torch kernels only: Triton's CPU interpreter (CASCADE_KERNELS=triton in tests) keeps global state
     # per launch and fails when two threads launch at once
     torch_kernels = kernels.backend(torch.empty(0, device=engine.device)) == "torch"
-    return (engine.device.type == "cpu" and torch_kernels and threads.budget() >= 2
-            and isinstance(cache, CascadeCache) and cache.config.contest != "model" and type(decoder).__name__ in PIPELINED_MODELS
-            and logits == "none" and not focus)
+    # every part pushes after its layers' attention (CascadeCache, sliding windows included), within a layer
+    pushes_per_layer = all(isinstance(p, CascadeCache) for p in cache.parts.values()) and cache.config.contest != "model"
+    return (engine.device.type == "cpu" and torch_kernels and threads.budget() >= 2 and pushes_per_layer
+            and type(decoder).__name__ in PIPELINED_MODELS and logits == "none" and not focus)
+
+
+def layer_embeddings(decoder, hidden: torch.Tensor, zeros: torch.Tensor) -> list:
+    """Each layer's (cos, sin), as the decoder's own forward makes them; at position 0 (identity), since the
+    cascade attention rotates at in-cache positions itself. Gemma-3 has one rotary per layer type (global
+    layers and sliding-window layers use different bases)."""
+    n = len(decoder.layers)
+    types = getattr(decoder.config, "layer_types", None)
+    if type(decoder).__name__ == "Gemma3TextModel":
+        by_type = {t: decoder.rotary_emb(hidden, zeros, t) for t in set(types)}
+        return [by_type[t] for t in types[:n]]
+    return [decoder.rotary_emb(hidden, position_ids=zeros)] * n
 
 
 def read(engine, chunks: Iterable[list[int]], cache: CascadeCache, done: Callable[[int], None],
@@ -73,11 +88,11 @@ def read(engine, chunks: Iterable[list[int]], cache: CascadeCache, done: Callabl
     handoff: queue.Queue = queue.Queue(maxsize=1)  # (hidden, position embeddings, step) or None: stop
     finished: queue.Queue = queue.Queue()  # None for each chunk stage B pushed, or its exception
 
-    def run_layers(hidden, embeddings, step, part):  # as the decoder's own forward runs them
+    def run_layers(hidden, embeddings, step, part: range):  # as the decoder's own forward runs them
         zeros = torch.zeros(1, hidden.shape[1], dtype=torch.long, device=hidden.device)
-        for layer in part:
-            hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=zeros,
-                           use_cache=False, cascade_step=step)
+        for i in part:
+            hidden = layers[i](hidden, attention_mask=None, position_embeddings=embeddings[i], position_ids=zeros,
+                               use_cache=False, cascade_step=step)
         return hidden
 
     def stage_b():
@@ -86,7 +101,7 @@ def read(engine, chunks: Iterable[list[int]], cache: CascadeCache, done: Callabl
             with torch.inference_mode():
                 while (item := handoff.get()) is not None:
                     hidden, embeddings, step = item
-                    run_layers(hidden, embeddings, step, layers[half:])
+                    run_layers(hidden, embeddings, step, range(half, len(layers)))
                     engine.push_layers(step, range(half, len(layers)))
                     finished.put(None)
         except BaseException as e:  # stage A raises it
@@ -119,13 +134,13 @@ def read(engine, chunks: Iterable[list[int]], cache: CascadeCache, done: Callabl
                 ids = torch.tensor([chunk], device=engine.device)
                 step = engine.plan_step(cache, len(chunk))
                 hidden = decoder.embed_tokens(ids)  # [1, L, hidden]
-                embeddings = decoder.rotary_emb(hidden, position_ids=torch.zeros_like(ids))
-                hidden = run_layers(hidden, embeddings, step, layers[:half])  # beside B's second half
+                embeddings = layer_embeddings(decoder, hidden, torch.zeros_like(ids))
+                hidden = run_layers(hidden, embeddings, step, range(half))  # beside B's second half
                 settle()
                 if should_stop is not None and should_stop():  # asked again once the chunk before is reported,
                     raise Cancelled(f"reading cancelled after {read} tokens")  # as a plain read asks: unpushed
                 engine.push_layers(step, range(half))
-                cache.commit(step.parts["global"].plan)  # pushes read their plan, not the cache's counts
+                engine.commit(step)  # pushes read their plan, not the cache's counts
                 handoff.put((hidden, embeddings, step))
                 in_flight = len(chunk)
             settle()

@@ -142,9 +142,9 @@ def push_pending(part: PartStep, layers: range | None = None) -> None:
     one per layer (the plan is the same for all of them). `layers`: push only these (the two halves
     of a pipelined read, engine/pipeline.py); default every layer.
     """
-    if not part.pending:
-        return
     layers = range(part.cache.n_layers) if layers is None else layers
+    if not part.pending or not layers:
+        return
     if any(layer not in part.pending for layer in layers):
         raise RuntimeError(f"{len(part.pending)} of {part.cache.n_layers} layers attended in this forward")
     rows = [part.pending.pop(layer) for layer in layers]
@@ -243,8 +243,7 @@ class Engine:
         out = self.model.model(input_ids=ids.to(self.device), position_ids=torch.zeros_like(ids, device=self.device),
                                use_cache=False, cascade_step=step)
         self.push_layers(step)
-        for name, part in cache.parts.items():
-            part.commit(step.parts[name].plan)
+        self.commit(step)
         hidden = out.last_hidden_state[:, :length]  # [1, L, hidden]
         if logits == "none":
             return None
@@ -280,9 +279,16 @@ class Engine:
 
     @staticmethod
     def push_layers(step: StepContext, layers: range | None = None) -> None:
-        """Push the chunk into the layers that attended in this step (`layers`: these only; default all)."""
-        for part in step.parts.values():
-            push_pending(part, layers)
+        """Push the chunk into the layers that attended in this step (`layers`: these model layers only;
+        default all)."""
+        for name, part in step.parts.items():
+            push_pending(part, None if layers is None else step.cache.local_layers(name, layers))
+
+    @staticmethod
+    def commit(step: StepContext) -> None:
+        """Every part of the cache now counts the step's chunk (its slots were pushed or are being pushed)."""
+        for name, part in step.cache.parts.items():
+            part.commit(step.parts[name].plan)
 
     def read(self, pieces: Iterable[list[int]], cache: KVCache, total: int | None = None,
              progress: Callable[[ReadProgress], None] | None = None,

@@ -10,6 +10,7 @@ from engine import pipeline, threads
 from engine.cache import CacheConfig
 from engine.errors import Cancelled
 from engine.runtime import Engine
+from test_architectures import ARCHITECTURES, tiny
 
 CONFIG = CacheConfig(sinks=4, window=32, cascades=2)
 
@@ -47,6 +48,18 @@ def read_states(loaded, tokens, pipelined: bool, budget, thread_budget, **kwargs
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_tested_architecture_reads_pipelined_as_a_plain_read(name, thread_budget):
+    """Each architecture users bring (tests/test_architectures.py), Gemma-3's sliding-window layers and its two
+    rotaries included: a pipelined read leaves the states of a plain one-thread read after every chunk."""
+    loaded = tiny(name)
+    tokens = ids(300, seed=3)
+    plain = read_states(loaded, tokens, False, 1, thread_budget)
+    piped = read_states(loaded, tokens, True, 2, thread_budget)
+    assert plain[1] == piped[1] and len(plain[0]) == len(piped[0]) == 7  # 4 strides of 64, then 32 + 8 + 4
+    assert all(same(a, b) for a, b in zip(plain[0], piped[0]))
 
 
 def test_a_pipelined_read_leaves_the_cache_of_a_plain_read_after_every_chunk(tiny_llama, thread_budget):
