@@ -29,3 +29,24 @@ class CopyGuard:
         if len(ids) < self.n - 1:
             return set()
         return self.next.get(tuple(ids[len(ids) - self.n + 1:]), set())
+
+
+ECHO_WORDS = 10  # a run this long shared with the request is the request said back, not a summary of the text
+
+
+def without_echo(text: str, request: str, words: int = ECHO_WORDS) -> str:
+    """`text` without its sentences that say its request back: a sentence goes when it shares a run of
+    `words` words with `request` (any case). Asked "In one or two sentences, tell what happens in the middle
+    of the document (about October, Jory and Orla).", SmolLM2 once wrote that sentence into the podcast's
+    summary (docs/eval.md, stop 35)."""
+    import re
+
+    def runs(s: str) -> set[tuple[str, ...]]:
+        w = re.findall(r"[a-z0-9']+", s.lower())
+        return {tuple(w[i: i + words]) for i in range(len(w) - words + 1)}
+
+    asked = runs(request)
+    pieces = re.split(r"(?<=[.!?])(\s+)", text)  # sentence, space, sentence, ...: kept as written
+    kept = [(pieces[i], pieces[i + 1] if i + 1 < len(pieces) else "") for i in range(0, len(pieces), 2)
+            if not runs(pieces[i]) & asked]
+    return "".join(sentence + space for sentence, space in kept).strip()

@@ -13,6 +13,9 @@ DOC_OUTRO = "\n</document>\n\n"
 SUMMARY_QUESTION = "Summarize the document above in a few sentences, covering its main points."
 # A cache-mode summary is written in parts (session.SUMMARY_PARTS), each after its own third's passages
 SUMMARY_PART_QUESTION = "Summarize the {part} of the document in one or two sentences: who does what."
+# ... of a book or other prose: asked to *tell what happens*, SmolLM2 names each third's own people (thirds 10 ->
+# 13 of 14, order 0.56 -> 0.75 on the summary set, docs/eval.md stop 35); a transcript asked so copies its lines
+SUMMARY_PART_STORY_QUESTION = "In one or two sentences, tell what happens in the {part} of the document: who does what."
 # {label}: the section's label ("Chapter 3", "p. 4-6"); asks for what the text says, not what the model knows
 SECTION_QUESTION = "Summarize {label} in two or three sentences: who does what. Use only the names it gives."
 # a base model (plain format) continues text rather than following requests: it gets the start of the summary

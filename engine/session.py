@@ -22,14 +22,15 @@ import torch
 
 from . import documents, packed, recall, snapshots
 from .cache import CacheConfig, HybridCache, KVCache
-from .copying import COPY_TOKENS, CopyGuard
+from .copying import COPY_TOKENS, CopyGuard, without_echo
 from .architectures import check_positions
 from .devices import peak_memory_mb
 from .errors import UserError
 from .memory import FrozenMemory, freeze, memory_of
 from .models import LoadedModel
 from .grounding import SourceNames, part_names, with_names
-from .prompts import DOC_OUTRO, SUMMARY_PART_QUESTION, SUMMARY_QUESTION, PromptFormat, prompt_format
+from .prompts import (DOC_OUTRO, SUMMARY_PART_QUESTION, SUMMARY_PART_STORY_QUESTION, SUMMARY_QUESTION, PromptFormat,
+                      prompt_format)
 from .recall import MIN_SHARE, NARROW_TOKENS, ORDERS
 from .runtime import Engine, ReadProgress
 
@@ -657,7 +658,8 @@ class ReadingSession:
             # part had named the book's last people (docs/eval.md, issue 14).
             names = part_names("\n".join(r.text for r in recalled), part_text,
                                self.source_map.text) if recalled else []
-            question, _ = with_names(SUMMARY_PART_QUESTION.format(part=part_name), "",
+            asked = SUMMARY_PART_QUESTION if self.document.kind in ("srt", "vtt") else SUMMARY_PART_STORY_QUESTION
+            question, _ = with_names(asked.format(part=part_name), "",
                                      f"the {part_name} of the document", names)
             grounded = self._summary_names(part_text)
             for delta in self.ask(question,
@@ -670,6 +672,7 @@ class ReadingSession:
                     whole.first_token_seconds = time.perf_counter() - start
                 yield delta
             part = self.answers.pop()
+            part.text = without_echo(part.text, question)  # the shown stream had it; the summary does not
             texts.append(part.text)
             written += self.loaded.tokenizer(part.text, add_special_tokens=False).input_ids  # as a part opens
             whole.text = " ".join(t for t in texts if t)  # the parts' finished texts, not the stream

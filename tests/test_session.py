@@ -228,10 +228,15 @@ def test_each_cache_summary_part_may_name_only_its_own_thirds_names(read_session
 
     def recording_ask(*args, **kwargs):  # the real ask; records which names each part was allowed
         given.append(kwargs["names"])
+        asked.append(args[0])
         return ask(*args, **kwargs)
 
+    asked = []
     monkeypatch.setattr(read_session, "ask", recording_ask)
     list(read_session.summarize(max_new_tokens=48))
+    # prose is asked what happens in each part (a transcript, what each part says: SUMMARY_PART_QUESTION)
+    assert [q.split(" of the document")[0] for q in asked] == [
+        f"In one or two sentences, tell what happens in the {part}" for part in ("beginning", "middle", "end")]
     passages, text = read_session.index.passages, read_session.source_map.text
     end = passages[-1].token_end
     thirds = [[p for p in passages if k * end // 3 <= p.token_start < (k + 1) * end // 3] for k in range(3)]

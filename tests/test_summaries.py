@@ -3,6 +3,7 @@
 import numpy as np
 
 from engine import documents, recall
+from engine.copying import ECHO_WORDS, without_echo
 from engine.eval_summary import (coverage, entities, grounding, load_doc, order_correlation, proper_names,
                                  repetition, score_row, third_names, thirds)
 from engine.grounding import main_names, part_names, with_names
@@ -191,3 +192,13 @@ def test_summary_eval_writes_rows_and_a_report_and_resumes(use_tiny, tmp_path):
     assert "copied (all; final)" in report and "| t | " in report
     evaluate.main(args)
     assert len((tmp_path / "summary.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_a_summary_part_loses_the_sentences_that_say_its_request_back():
+    request = "In one or two sentences, tell what happens in the middle of the document (about Jory and Orla)."
+    text = ("Maya: Jory was nineteen.\nThe storm broke the glass.  In one or two sentences, tell what happens in "
+            "the middle of the document (about Jory and Orla). The board sold the tower.")
+    assert without_echo(text, request) == "Maya: Jory was nineteen.\nThe storm broke the glass.  The board sold the tower."
+    shared = "What happens in the middle of the document is a storm."  # 8 words shared: a summary may say that
+    assert ECHO_WORDS > 8 and without_echo(shared, request) == shared
+    assert without_echo("Line one.\n\nLine two!", request) == "Line one.\n\nLine two!"  # nothing echoed: as written
