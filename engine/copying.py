@@ -12,6 +12,8 @@ ruled out, so the summary can reuse names and short phrases but never n source t
 
 from __future__ import annotations
 
+import re
+
 COPY_TOKENS = 12  # about 8 words: longer than a name with its title, shorter than a transcript line
 
 
@@ -39,8 +41,6 @@ def without_echo(text: str, request: str, words: int = ECHO_WORDS) -> str:
     `words` words with `request` (any case). Asked "In one or two sentences, tell what happens in the middle
     of the document (about October, Jory and Orla).", SmolLM2 once wrote that sentence into the podcast's
     summary (docs/eval.md, stop 35)."""
-    import re
-
     def runs(s: str) -> set[tuple[str, ...]]:
         w = re.findall(r"[a-z0-9']+", s.lower())
         return {tuple(w[i: i + words]) for i in range(len(w) - words + 1)}

@@ -46,6 +46,11 @@ class Document:
     sha256: str
 
     @property
+    def transcript(self) -> bool:
+        """Subtitles or a transcript (SRT, VTT): short timed cues, not prose."""
+        return self.kind in ("srt", "vtt")
+
+    @property
     def text(self) -> str:
         return SEPARATOR.join(s.text for s in self.segments)
 
@@ -406,7 +411,7 @@ def chapters(document: Document) -> list[tuple[int, int, str]] | None:
     """
     text = document.text
     heads = [m for m in HEADING.finditer(text) if len(m.group(0)) < HEADING_CHARS]
-    if len(heads) < 2 or document.kind in ("srt", "vtt"):
+    if len(heads) < 2 or document.transcript:
         return None
     out = []
     if text[:heads[0].start()].strip():
@@ -429,7 +434,7 @@ def span_label(document: Document, start: int, end: int) -> str:
     if document.kind == "pdf":
         a, b = segs[first].meta["page"], segs[last].meta["page"]
         return f"p. {a}" if a == b else f"p. {a}-{b}"
-    if document.kind in ("srt", "vtt"):
+    if document.transcript:
         a, b = segs[first].meta["start"].split(".")[0], segs[last].meta["end"].split(".")[0]
         return f"{a}-{b}"
     if document.kind == "epub":

@@ -139,7 +139,7 @@ def cut_passages(document, offsets: np.ndarray) -> list[Passage]:
     text = document.text
     offsets = np.asarray(offsets, dtype=np.int64)
     starts = document.segment_starts()
-    group_segments = document.kind in ("srt", "vtt")  # cues are short: several make one passage
+    group_segments = document.transcript  # cues are short: several make one passage
     plain = document.kind in ("txt", "md", "text")
     passages: list[Passage] = []
     heading = ""

@@ -658,7 +658,7 @@ class ReadingSession:
             # part had named the book's last people (docs/eval.md, issue 14).
             names = part_names("\n".join(r.text for r in recalled), part_text,
                                self.source_map.text) if recalled else []
-            asked = SUMMARY_PART_QUESTION if self.document.kind in ("srt", "vtt") else SUMMARY_PART_STORY_QUESTION
+            asked = SUMMARY_PART_QUESTION if self.document.transcript else SUMMARY_PART_STORY_QUESTION
             question, _ = with_names(asked.format(part=part_name), "",
                                      f"the {part_name} of the document", names)
             grounded = self._summary_names(part_text)
