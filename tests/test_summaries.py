@@ -1,6 +1,7 @@
 """Summaries without a model: chapters and sections, central passages, and the summary metrics."""
 
 import numpy as np
+import pytest
 
 from engine import documents, recall
 from engine.copying import ECHO_WORDS, without_echo
@@ -8,6 +9,16 @@ from engine.eval_summary import (coverage, entities, grounding, load_doc, order_
                                  repetition, score_row, third_names, thirds)
 from engine.grounding import main_names, part_names, with_names
 from engine.summaries import Eta, section_bounds, whole_sentences
+
+
+def test_the_summary_set_takes_a_run_of_chapters_from_any_book():
+    acts = load_doc("Acts 27-28").text
+    assert acts.startswith("Chapter 27\n1 And when it was determined") and "\nChapter 28\n" in acts
+    samuel = load_doc("1 Samuel 17-20").text  # a book name with a space
+    assert samuel.startswith("Chapter 17\n") and "\nChapter 20\n" in samuel and "\nChapter 21\n" not in samuel
+    assert load_doc("Exodus 1-12").text.startswith("Chapter 1\n")
+    with pytest.raises(ValueError, match="no chapter 99"):
+        load_doc("Jonah 99-100")
 
 
 def test_chapters_are_found_in_plain_text_in_every_heading_style():
@@ -202,3 +213,27 @@ def test_a_summary_part_loses_the_sentences_that_say_its_request_back():
     shared = "What happens in the middle of the document is a storm."  # 8 words shared: a summary may say that
     assert ECHO_WORDS > 8 and without_echo(shared, request) == shared
     assert without_echo("Line one.\n\nLine two!", request) == "Line one.\n\nLine two!"  # nothing echoed: as written
+
+
+def test_a_final_summary_is_written_again_from_stored_section_summaries(use_tiny, tmp_path):
+    """`--final-from`: the section summaries of a stored variant, word for word, and the final summary
+    written again from them (the same code, so the same words); a variant with no stored row is refused with one line."""
+    import argparse
+    import json
+
+    from engine import evaluate
+    from engine.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    common = ["summary", "--docs", "Jonah", "--modes", "sections", "--window", "64", "--sinks", "16", "--stride", "256",
+              "--new-tokens", "12", "--out", str(tmp_path)]
+    evaluate.main(parser.parse_args(common + ["--variant", "base"]))
+    evaluate.main(parser.parse_args(common + ["--variant", "again", "--final-from", "base"]))
+    base, again = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert again["case"]["variant"] == "again" and again["final_from"] == "base"
+    assert again["sections"] == base["sections"] and len(base["sections"]) >= 2
+    assert again["summary"].strip() and again["final_seconds"] > 0
+    assert again["summary"] == base["summary"]  # the same code writes the same final summary (greedy)
+    with pytest.raises(UserError, match="no stored 'Jonah' sections row of variant 'nope'"):
+        evaluate.main(parser.parse_args(common + ["--variant", "x", "--final-from", "nope"]))
