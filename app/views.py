@@ -436,7 +436,7 @@ def summary_progress(status: dict | None, sections_done: int) -> str:
     if status is None:
         return "Starting…"
     if status["phase"] == "final":
-        said = f"Writing the summary of the whole document from {section_summaries(sections_done)}"
+        said = f"{section_summaries(sections_done, finished=True).capitalize()}; writing the summary of the whole document"
         if "part" in status:
             said += f": part {status['part'] + 1} of {status['parts']} ({status['label']})"
     else:

@@ -273,9 +273,6 @@ def add_parser(sub) -> None:
                    help="name of the code version measured (rows of each variant are kept apart)")
     p.add_argument("--copy-tokens", type=int, default=AnswerSettings.summary_copy_tokens,
                    help="a summary may not copy this many tokens in a row from its passages (0: no limit)")
-    p.add_argument("--final-from", default=None, metavar="VARIANT",
-                   help="sections mode: keep the section summaries of this stored variant and write only the "
-                        "final summary again (final-summary changes measured on the same section texts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/eval", help="folder for summary.jsonl/.json/.md")
 
@@ -283,12 +280,9 @@ def add_parser(sub) -> None:
 def run_summary(args) -> dict:
     from . import models
     from .cache import CacheConfig
-    from . import documents
-    from .errors import UserError
-    from .evaluate import Results, _key, _say, _settings
-    from .prompts import FINAL_SUMMARY_QUESTION
-    from .session import Answer, AnswerSettings, ReadingSession
-    from .summaries import final_summary, summarize_sections
+    from .evaluate import Results, _say, _settings
+    from .session import AnswerSettings, ReadingSession
+    from .summaries import summarize_sections
 
     loaded = models.load_model(args.model, dtype=args.dtype, say=_say, device=getattr(args, "device", None))
     prompt = args.prompt or loaded.prompt_format
@@ -308,25 +302,6 @@ def run_summary(args) -> dict:
                                      answering=AnswerSettings(summary_copy_tokens=args.copy_tokens))
             t0 = time.perf_counter()
             row: dict = {"sections": []}
-            if mode == "sections" and args.final_from:
-                key = _key({**case, "variant": args.final_from})
-                stored = next((r for r in results.rows if _key(r["case"]) == key), None)
-                if stored is None:
-                    raise UserError(f"no stored {name!r} sections row of variant {args.final_from!r} in {out}")
-                row["sections"] = stored["sections"]
-                # the cache the final parts are read into is sized for the book, as after summarize_sections
-                session.configure_for(documents.count_tokens(doc, loaded.tokenizer)
-                                      + len(session._ids(session.format.prefix)))
-                answer = Answer(FINAL_SUMMARY_QUESTION.format(labels="every section", title=doc.title))
-                for _ in final_summary(session, doc, row["sections"], args.new_tokens, None, answer):
-                    pass
-                row.update(summary=answer.text, cut=answer.cut, seconds=time.perf_counter() - t0,
-                           read_seconds=stored.get("read_seconds"), doc_tokens=stored.get("doc_tokens"),
-                           cascades_used=stored.get("cascades_used"), final_seconds=answer.seconds,
-                           final_from=args.final_from)
-                results.add(case, row)
-                _say(f"{name} {mode} (sections of {args.final_from}), {row['seconds']:.0f} s: {answer.text[:100]!r}")
-                continue
             if mode == "sections":
                 for ev in summarize_sections(session, doc, final_tokens=args.new_tokens):
                     if ev["type"] == "section":

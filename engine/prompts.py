@@ -25,11 +25,6 @@ SECTION_LEAD = "In two or three sentences, using only its own names and events, 
 # text instead of predicted. Measured in docs/eval.md (issue 14).
 NAMES_HINT = "{label} (about {names})"
 NAMES_LEAD = "{label} names {names}. "
-# The final summary is written in parts (summaries.FINAL_PARTS), each from the summaries of a run of
-# consecutive sections; {labels}: "Chapter 1 to Chapter 3"
-FINAL_SUMMARY_LEAD = "In one or two sentences, {labels} of {title} tells how"
-FINAL_SUMMARY_QUESTION = ("These are summaries of {labels} of {title}, in order. Summarize them in one or two "
-                          "sentences, naming the main people and places. Use only the names and events given above.")
 
 
 # Recalled passages are read after the document, before the question. A chat model is told what they

@@ -622,7 +622,8 @@ class ReadingSession:
         return picked
 
     # ---------------------------------------------------------------- summaries
-    def summarize(self, max_new_tokens: int = 300, should_stop=None, temperature: float = 0.0) -> Iterator[str]:
+    def summarize(self, max_new_tokens: int = 300, should_stop=None, temperature: float = 0.0,
+                  on_part: Callable[[int, int, str, int, int], None] | None = None) -> Iterator[str]:
         """Whole-document summary from the cache after reading (the paper's setting), as text deltas;
         the finished `Answer` is then `self.answers[-1]`.
 
@@ -634,7 +635,8 @@ class ReadingSession:
         book still left out a third of Ruth and of Jonah (docs/eval.md). A part sees its passages and
         the sinks, not the cascade memory, which holds mostly the book's end and drew the beginning's
         part to it (measured, docs/eval.md); a one-part summary keeps the memory in view beside its
-        passages (measured: the passages alone gave vaguer summaries that named fewer people)."""
+        passages (measured: the passages alone gave vaguer summaries that named fewer people).
+        on_part(k, parts, name, start_char, end_char) is called as each part starts (progress)."""
         self._require_read()
         settings = self.answering
         passages = self.index.passages if settings.recall and self.index is not None else []
@@ -642,6 +644,8 @@ class ReadingSession:
         parts = SUMMARY_PARTS if len(passages) >= len(SUMMARY_PARTS) else ()
         if not parts:  # recall off, or a document of fewer passages than parts: one summary
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost) if passages else None
+            if on_part:
+                on_part(0, 1, "whole", 0, len(self.source_map.text))
             yield from self.ask(SUMMARY_QUESTION, max_new_tokens=max_new_tokens, temperature=temperature,
                                 should_stop=should_stop, recall_on=recalled is not None, passages=recalled,
                                 keep_memory=True, names=self._summary_names(), summary=True)
@@ -651,7 +655,9 @@ class ReadingSession:
         for k, part_name in enumerate(parts):
             span = (end * k // len(parts), end * (k + 1) // len(parts))
             recalled = recall.central(self.index, self.source_map.text, budget, self.recall_cost, span=span)
-            _, part_text = recall.in_span(passages, self.source_map.text, span)
+            inside, part_text = recall.in_span(passages, self.source_map.text, span)
+            if on_part:
+                on_part(k, len(parts), part_name, *((inside[0].char_start, inside[-1].char_end) if inside else (0, 0)))
             gap = " " if whole.text else ""
             # The part's request names the names of its passages that are most its own third's
             # (grounding.part_names), and it may write only names its third has: the beginning's

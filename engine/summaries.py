@@ -1,5 +1,5 @@
 """Book summaries by sections: summarize each chapter (or group of chapters) as it is read, then
-summarize those summaries, each under its section's label.
+the whole book.
 
 Sections follow the book's structure (`documents.chapters`: headings such as "Chapter 12", EPUB
 chapters, PDF pages, subtitle cues). Consecutive chapters are grouped so that a book makes at most
@@ -9,13 +9,14 @@ the target is cut at paragraph breaks.
 
 The cascade cache carries context across sections: sections are read into one continuing cache,
 and each section summary is generated from a frozen copy of it, so summaries never enter the
-document's cache. The final summary is written in `FINAL_PARTS` parts, beginning, middle and end,
-each from the labelled summaries of its run of sections read as a new, short document: a summary
-written in one pass moved events out of order (rank correlation 0.14-0.57 with the book) and named
-few of the book's people (docs/eval.md).
+document's cache. The summary of the whole book is then written as `--mode cache` writes it
+(`ReadingSession.summarize`): in three parts, beginning, middle and end, each from the central
+passages of its own third of the book. It used to be written from the labelled section summaries;
+on ten stories that kept the book's order and reached its thirds less well, and carried on what a
+section summary had made up (docs/eval.md, stop 36).
 Repetition control is the session's own (`ReadingSession._processor`), the same as for answers, and
-the decoder writes only names and numbers that the section (the document, for the final summary)
-has (`engine.grounding`).
+the decoder writes only names and numbers that the section (its third of the document, for a part
+of the whole book's summary) has (`engine.grounding`).
 """
 
 from __future__ import annotations
@@ -24,19 +25,16 @@ import re
 import time
 from typing import Callable, Iterator
 
-import torch
-
 from . import documents
 from .errors import UserError
 from .memory import freeze, memory_of
 from .grounding import main_names, with_names
-from .prompts import DOC_OUTRO, FINAL_SUMMARY_LEAD, FINAL_SUMMARY_QUESTION, SECTION_LEAD, SECTION_QUESTION
+from .prompts import SECTION_LEAD, SECTION_QUESTION
 from .recall import PassageIndex
 from .runtime import ReadProgress
 from .session import Answer, ReadingSession, ReadResult
 
 MAX_SECTIONS = 8  # measured: 12 made the final summary worse (coverage, order) and slower
-FINAL_PARTS = 3  # the final summary's parts: the book's beginning, middle and end
 MIN_SECTION_CHARS = 2000  # ~500 tokens: shorter chapters are grouped with the next
 SECTION_TOKENS = 120  # limit of one section summary
 
@@ -220,57 +218,24 @@ def summarize_sections(session: ReadingSession, document: documents.Document | N
                           ReadResult(eta.read_tokens, len(prefix), eta.read_seconds,
                                      eta.read_tokens / max(eta.read_seconds, 1e-9)),
                           PassageIndex.build(document, source_map.offsets))
-    answer = Answer(FINAL_SUMMARY_QUESTION.format(labels="every section", title=document.title))
-    session.answers.append(answer)
-    for event in final_summary(session, document, sections, final_tokens, should_stop, answer):
-        yield {**status(len(bounds), "final"), "part": event["part"], "parts": event["of"],
-               "label": event["labels"]} if event["type"] == "part" else event
+    # The summary of the whole book is written as a cache-mode summary is (ReadingSession.summarize): in
+    # parts, beginning, middle and end, each from the central passages of its own third of the book. Written
+    # from the labelled section summaries instead, it kept the book's order worse and reached fewer thirds
+    # (10 stories: docs/eval.md, stop 36), and it passed on what the section summaries had made up.
+    started: list[dict] = []
+
+    def on_part(k: int, parts: int, name: str, a: int, b: int):
+        inside = [s["label"] for s in plan if a <= s["start_char"] < b] or [documents.span_label(document, a, b)]
+        label = inside[0] if len(inside) == 1 else f"{inside[0]} – {inside[-1]}"
+        started.append({**status(len(bounds), "final"), "part": k, "parts": parts, "label": label})
+
+    for delta in session.summarize(final_tokens, should_stop, on_part=on_part):
+        yield from started
+        started.clear()
+        yield {"type": "delta", "text": delta}
+    yield from started
+    answer = session.answers[-1]
     if answer.stopped:
         yield {"type": "stopped", "sections": sections}
         return
     yield {"type": "done", "summary": answer.text, "sections": sections, "seconds": time.perf_counter() - t0}
-
-
-def parts_of(sections: list, parts: int = FINAL_PARTS) -> list[list]:
-    """Runs of consecutive sections, as even as can be: the final summary's beginning, middle and end."""
-    n = min(parts, len(sections))
-    return [sections[len(sections) * k // n: len(sections) * (k + 1) // n] for k in range(n)]
-
-
-def final_summary(session: ReadingSession, document: documents.Document, sections: list[dict], final_tokens: int,
-                  should_stop: Callable[[], bool] | None, answer: Answer) -> Iterator[dict]:
-    """The final summary, written part by part in the book's order; fills `answer`. Yields
-    {"type": "part", "part", "of", "labels"} as each part starts and {"type": "delta", "text"} as it ends.
-
-    Each part reads the labelled summaries of its run of sections as a short document of its own and
-    says them in one or two sentences (a part cut by its share of `final_tokens` ends at its last
-    whole sentence). Names and numbers must be its sections' own. The request lists no names: given its
-    part's main names, SmolLM2 echoed the list into the summary ("Chapter 1 (about LORD, Jonah, ...)")."""
-    start, shown = time.perf_counter(), ""
-    runs = parts_of(sections)
-    for k, run in enumerate(runs):
-        labels = run[0]["label"] if len(run) == 1 else f"{run[0]['label']} to {run[-1]['label']}"
-        yield {"type": "part", "part": k, "of": len(runs), "labels": labels}
-        joined = "\n\n".join(f"[{s['label']}] {s['summary']}" for s in run)
-        question = FINAL_SUMMARY_QUESTION.format(labels=labels, title=document.title)
-        lead = FINAL_SUMMARY_LEAD.format(labels=labels, title=document.title)
-        ids = session._ids(session.format.prefix + joined) + session._ids(session.format.request_text(question, lead))
-        # the part may write only names its own sections have, as a section summary only its section's:
-        # a part about the beginning cannot bring in the people of the end
-        names = session.source_names(f"{document.title}\n{labels}\n{document.text[run[0]['start_char']:run[-1]['end_char']]}")
-        part = Answer(question)
-        with torch.inference_mode():
-            for _ in session._generate(session.engine.new_cache(), ids, part, max(32, final_tokens // len(runs)),
-                                       0.0, 1.0, should_stop, 0, 0, names=names, summary=True):
-                pass
-        # a small model may echo the closing tag of the document it was given
-        text = (whole_sentences(part.text) if part.cut else part.text).replace(DOC_OUTRO.strip(), "").strip()
-        piece = (" " if shown and text else "") + text
-        shown += piece
-        answer.text, answer.tokens, answer.cut = shown, answer.tokens + part.tokens, answer.cut or part.cut
-        if part.stopped:
-            answer.stopped = True
-            break
-        if piece:
-            yield {"type": "delta", "text": piece}
-    answer.seconds = time.perf_counter() - start

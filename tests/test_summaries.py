@@ -214,26 +214,3 @@ def test_a_summary_part_loses_the_sentences_that_say_its_request_back():
     assert ECHO_WORDS > 8 and without_echo(shared, request) == shared
     assert without_echo("Line one.\n\nLine two!", request) == "Line one.\n\nLine two!"  # nothing echoed: as written
 
-
-def test_a_final_summary_is_written_again_from_stored_section_summaries(use_tiny, tmp_path):
-    """`--final-from`: the section summaries of a stored variant, word for word, and the final summary
-    written again from them (the same code, so the same words); a variant with no stored row is refused with one line."""
-    import argparse
-    import json
-
-    from engine import evaluate
-    from engine.errors import UserError
-
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    common = ["summary", "--docs", "Jonah", "--modes", "sections", "--window", "64", "--sinks", "16", "--stride", "256",
-              "--new-tokens", "12", "--out", str(tmp_path)]
-    evaluate.main(parser.parse_args(common + ["--variant", "base"]))
-    evaluate.main(parser.parse_args(common + ["--variant", "again", "--final-from", "base"]))
-    base, again = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
-    assert again["case"]["variant"] == "again" and again["final_from"] == "base"
-    assert again["sections"] == base["sections"] and len(base["sections"]) >= 2
-    assert again["summary"].strip() and again["final_seconds"] > 0
-    assert again["summary"] == base["summary"]  # the same code writes the same final summary (greedy)
-    with pytest.raises(UserError, match="no stored 'Jonah' sections row of variant 'nope'"):
-        evaluate.main(parser.parse_args(common + ["--variant", "x", "--final-from", "nope"]))

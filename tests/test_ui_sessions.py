@@ -177,7 +177,7 @@ def test_ask_during_own_read_and_stop_compare_and_summary(app_url, browser):
     page.click("#summarize")
     page.wait_for_selector("#summary :text('Done: 1 section')", timeout=300_000)
     notes = page.evaluate("window.__notes")
-    assert any("Writing the summary of the whole document from 1 section summary" in n for n in notes), notes
+    assert any("1 finished section summary; writing the summary of the whole document" in n for n in notes), notes
     shot(page, "12-summary-stopped")
 
 
