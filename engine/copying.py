@@ -50,3 +50,9 @@ def without_echo(text: str, request: str, words: int = ECHO_WORDS) -> str:
     kept = [(pieces[i], pieces[i + 1] if i + 1 < len(pieces) else "") for i in range(0, len(pieces), 2)
             if not runs(pieces[i]) & asked]
     return "".join(sentence + space for sentence, space in kept).strip()
+
+
+def whole_sentences(text: str) -> str:
+    """A summary cut by its token limit, without its unfinished last sentence (if it has a finished one)."""
+    ends = [m.end() for m in re.finditer(r"[.!?][\"')\]]?(?=\s|$)", text)]
+    return text[:ends[-1]] if ends else text

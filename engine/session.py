@@ -22,7 +22,7 @@ import torch
 
 from . import documents, packed, recall, snapshots
 from .cache import CacheConfig, HybridCache, KVCache
-from .copying import COPY_TOKENS, CopyGuard, without_echo
+from .copying import COPY_TOKENS, CopyGuard, whole_sentences, without_echo
 from .architectures import check_positions
 from .devices import peak_memory_mb
 from .errors import UserError
@@ -558,6 +558,7 @@ class ReadingSession:
             return None
 
         lower = lower_case_ids(self.loaded.tokenizer) if ngrams is not None else None
+        inner, ends_in_word = word_pieces(self.loaded.tokenizer) if ngrams is not None else (None, None)
 
         free = 0 if summary else a.repetition_penalty_from  # a summary's penalty holds from its first token
 
@@ -572,6 +573,11 @@ class ReadingSession:
                 mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
                 n = min(len(mask), len(lower))
                 mask[:n] = banned[lower[:n]]
+                if ids and ends_in_word[ids[-1]]:
+                    # a word may be finished however often it was written: "Elimelech" is 4 pieces, and a name
+                    # could otherwise be written once per summary, then only cut ("Elimelec") or bent ("Elimelechs").
+                    # A repeated phrase is still banned at its words' first pieces.
+                    mask[:n] &= ~inner[:n]
                 logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
             if guard is not None and (copied := guard.banned(ids)):
                 logits = logits.index_fill(0, torch.tensor(sorted(copied)), float("-inf"))
@@ -678,7 +684,8 @@ class ReadingSession:
                     whole.first_token_seconds = time.perf_counter() - start
                 yield delta
             part = self.answers.pop()
-            part.text = without_echo(part.text, question)  # the shown stream had it; the summary does not
+            # the shown stream had these; the summary does not: an unfinished last sentence, the request said back
+            part.text = without_echo(whole_sentences(part.text) if part.cut else part.text, question)
             texts.append(part.text)
             written += self.loaded.tokenizer(part.text, add_special_tokens=False).input_ids  # as a part opens
             whole.text = " ".join(t for t in texts if t)  # the parts' finished texts, not the stream
@@ -792,6 +799,20 @@ def lower_case_ids(tokenizer) -> torch.Tensor:
         if low != piece and low in vocab:
             out[i] = vocab[low]
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def word_pieces(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pieces that go on with the word before them: a letter or digit first, no space or punctuation;
+    pieces that end inside a word: a letter or digit last). # [vocab], [vocab]"""
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    inner, ends = torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)
+    ids = sorted(vocab.values())
+    # decoded, not raw pieces: a byte-level "Ġ" (a space) is a letter to str.isalnum
+    for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])):
+        inner[i], ends[i] = text[:1].isalnum(), text[-1:].isalnum()
+    return inner, ends
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")

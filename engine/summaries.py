@@ -21,11 +21,11 @@ of the whole book's summary) has (`engine.grounding`).
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable, Iterator
 
 from . import documents
+from .copying import whole_sentences
 from .errors import UserError
 from .memory import freeze, memory_of
 from .grounding import main_names, with_names
@@ -88,12 +88,6 @@ def section_bounds(document: documents.Document, max_sections: int = MAX_SECTION
             label = documents.span_label(document, a, b)
         out.append((a, b, label))
     return out
-
-
-def whole_sentences(text: str) -> str:
-    """A summary cut by its token limit, without its unfinished last sentence (if it has a finished one)."""
-    ends = [m.end() for m in re.finditer(r"[.!?][\"')\]]?(?=\s|$)", text)]
-    return text[:ends[-1]] if ends else text
 
 
 class Eta:

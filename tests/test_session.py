@@ -270,6 +270,22 @@ def test_a_summary_part_cannot_repeat_a_phrase_of_the_parts_before_it(read_sessi
     assert after[before[0]] == fresh[before[0]]  # and no penalty on the rest
 
 
+def test_a_long_name_can_be_written_again_but_a_phrase_cannot(read_session):
+    """No-repeat n-grams skip a word's inner pieces: " Elimelech" is 4 pieces, and the 4-gram rule had let a
+    summary write it once, then only "Elimelec" or "Elimelechs"."""
+    tok = read_session.loaded.tokenizer
+    before = tok("Naomi's husband Elimelech went to Moab.", add_special_tokens=False).input_ids
+    name = tok(" Elimelech", add_special_tokens=False).input_ids
+    assert len(name) >= 4
+    logits = torch.zeros(len(tok))
+    again = read_session._processor(written=before)(tok(" Then", add_special_tokens=False).input_ids + name[:-1],
+                                                   logits.clone())
+    assert again[name[-1]] == 0  # the name can be finished
+    phrase = tok(" husband Elimelech went", add_special_tokens=False).input_ids
+    loop = read_session._processor(written=before)(phrase[:-1], logits.clone())
+    assert loop[phrase[-1]] == float("-inf")  # the words after it cannot repeat the phrase
+
+
 def test_an_answer_meets_the_repetition_penalty_only_after_its_first_words(read_session):
     """An answer's penalty applies once it has `repetition_penalty_from` tokens (its first words may
     repeat the question's); a summary's applies from its first token."""

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from engine import documents, recall
-from engine.copying import ECHO_WORDS, without_echo
+from engine.copying import ECHO_WORDS, whole_sentences, without_echo
 from engine.eval_summary import (coverage, entities, grounding, load_doc, order_correlation, proper_names,
                                  repetition, score_row, third_names, thirds)
 from engine.grounding import main_names, part_names, with_names
-from engine.summaries import Eta, section_bounds, whole_sentences
+from engine.summaries import Eta, section_bounds
 
 
 def test_the_summary_set_takes_a_run_of_chapters_from_any_book():
