@@ -558,7 +558,8 @@ class ReadingSession:
             return None
 
         lower = lower_case_ids(self.loaded.tokenizer) if ngrams is not None else None
-        inner, ends_in_word = word_pieces(self.loaded.tokenizer) if ngrams is not None else (None, None)
+        piece = functools.lru_cache(maxsize=None)(lambda i: self.loaded.tokenizer.decode([i]))  # decoded, not raw:
+        # a byte-level "Ġ" (a space) is a letter to str.isalnum
 
         free = 0 if summary else a.repetition_penalty_from  # a summary's penalty holds from its first token
 
@@ -573,11 +574,13 @@ class ReadingSession:
                 mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
                 n = min(len(mask), len(lower))
                 mask[:n] = banned[lower[:n]]
-                if ids and ends_in_word[ids[-1]]:
+                if ids and piece(ids[-1])[-1:].isalnum():
                     # a word may be finished however often it was written: "Elimelech" is 4 pieces, and a name
                     # could otherwise be written once per summary, then only cut ("Elimelec") or bent ("Elimelechs").
-                    # A repeated phrase is still banned at its words' first pieces.
-                    mask[:n] &= ~inner[:n]
+                    # A piece that goes on with the word (a letter or digit first) is not banned; a repeated
+                    # phrase still is, at its words' first pieces. (A handful of ids are banned at a step.)
+                    for i in mask.nonzero().flatten().tolist():
+                        mask[i] = not piece(i)[:1].isalnum()
                 logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
             if guard is not None and (copied := guard.banned(ids)):
                 logits = logits.index_fill(0, torch.tensor(sorted(copied)), float("-inf"))
@@ -799,20 +802,6 @@ def lower_case_ids(tokenizer) -> torch.Tensor:
         if low != piece and low in vocab:
             out[i] = vocab[low]
     return out
-
-
-@functools.lru_cache(maxsize=4)
-def word_pieces(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pieces that go on with the word before them: a letter or digit first, no space or punctuation;
-    pieces that end inside a word: a letter or digit last). # [vocab], [vocab]"""
-    vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values()) + 1)
-    inner, ends = torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)
-    ids = sorted(vocab.values())
-    # decoded, not raw pieces: a byte-level "Ġ" (a space) is a letter to str.isalnum
-    for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])):
-        inner[i], ends[i] = text[:1].isalnum(), text[-1:].isalnum()
-    return inner, ends
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
